@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   install, then fine-tune the packaged model on the bundled data (a few minutes, CPU)
+#   make test         install, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test bench-train bench-quality clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, by exact version: where a CPU wheel of it is at hand pip takes that one.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(VENV)/bin/raykit train jobs/quickstart.yaml output_dir=runs/quickstart
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench-train: install
+	$(PY) bench/train_throughput.py
+
+bench-quality: install
+	$(PY) bench/scifact_quality.py
+
+clean:
+	rm -rf runs .pytest_cache

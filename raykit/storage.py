@@ -1,0 +1,111 @@
+"""Where things live: local paths and s3:// URIs behind one small API.
+
+S3 endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION), so the same job runs against AWS, MinIO or
+SeaweedFS. pyarrow's filesystem reads them; we never read, log or store them ourselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raykit.errors import RaykitError
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str) -> str:
+    """An absolute local path, or the URI unchanged (Ray's storage_path wants absolute paths)."""
+    return str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts]) if is_uri(base) else str(Path(base, *parts))
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for `path` and the path inside it."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), resolve(path)
+    if not str(path).startswith("s3://"):
+        raise RaykitError(f"{path}: unsupported URI scheme; use a local path or s3://bucket/prefix")
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types here
+        raise RaykitError(f"{path}: cannot open S3 location ({_clean(e)}); check AWS_ENDPOINT_URL and AWS_REGION") from None
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return _info(fs, p, path).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return _info(fs, p, path).type == pafs.FileType.Directory
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    try:
+        with fs.open_input_stream(p) as f:
+            return f.readall()
+    except FileNotFoundError:
+        raise RaykitError(f"{path}: no such file") from None
+    except OSError as e:
+        raise RaykitError(f"{path}: cannot read ({_clean(e)}); check the path and your AWS credentials") from None
+
+
+def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Files under a folder (recursively) whose names end with one of `suffixes`, sorted."""
+    fs, p = filesystem(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    except OSError as e:
+        raise RaykitError(f"{path}: cannot list ({_clean(e)})") from None
+    found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes))
+    if is_uri(path):
+        scheme = str(path).split("://", 1)[0]
+        return [f"{scheme}://{f}" for f in found]
+    return found
+
+
+def write_text(path: str, text: str) -> None:
+    fs, p = filesystem(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a local folder to a local path or URI, replacing what was there."""
+    if not is_uri(dst):
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        return
+    fs, p = filesystem(dst)
+    fs.delete_dir_contents(p, missing_dir_ok=True)
+    pafs.copy_files(src, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _info(fs: pafs.FileSystem, p: str, shown: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(p)
+    except OSError as e:
+        raise RaykitError(f"{shown}: cannot reach ({_clean(e)}); check AWS_ENDPOINT_URL and credentials") from None
+
+
+def _clean(e: Exception) -> str:
+    """The first line of a storage error, with anything that looks like a secret removed."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        secret = os.environ.get(var)
+        if secret:
+            text = text.replace(secret, "***")
+    return text

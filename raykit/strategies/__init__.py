@@ -1,0 +1,37 @@
+"""Training strategies: how a worker holds, steps, checkpoints and exports the model.
+
+`lora`: peft adapters on a frozen base, data-parallel with DDP. `full`: every weight, under DeepSpeed
+ZeRO. Both expose the same small surface to the training loop (`Trainee`), so the loop reads the same.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from raykit.config import JobConfig
+from raykit.encoder import Encoder
+
+
+class Trainee(Protocol):
+    encoder: Encoder  # the plain module, for evaluation and export
+    module: torch.nn.Module  # what the forward pass runs through (DDP or a DeepSpeed engine)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def step(self, loss: torch.Tensor) -> float: ...
+    @property
+    def lr(self) -> float: ...
+    def save_state(self, path: str, rank: int) -> None: ...
+    def load_state(self, path: str) -> None: ...
+    def export(self, path: str, rank: int) -> None: ...
+
+
+def build_trainee(encoder: Encoder, job: JobConfig, total_steps: int, device: torch.device, bf16: bool) -> Trainee:
+    if job.train.strategy == "lora":
+        from raykit.strategies.lora import LoraTrainee
+
+        return LoraTrainee(encoder, job, total_steps, device, bf16)
+    from raykit.strategies.full import DeepSpeedTrainee
+
+    return DeepSpeedTrainee(encoder, job, total_steps, device, bf16)

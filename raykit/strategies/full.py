@@ -1,0 +1,95 @@
+"""Full fine-tuning under DeepSpeed ZeRO (stages 1-3, optional CPU offload).
+
+The DeepSpeed config is derived from the job's train and deepspeed sections; no value is written
+twice. Our own AdamW and warmup-cosine schedule go in as client objects, so both strategies train
+with the same optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from raykit.config import DeepSpeedConfig, JobConfig, TrainConfig
+from raykit.encoder import Encoder
+from raykit.optim import adamw, warmup_cosine
+
+CHECKPOINT_TAG = "zero"
+
+
+def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, bf16: bool) -> dict:
+    """The DeepSpeed config dict for this job (micro batch, clipping, precision, ZeRO stage, offload)."""
+    pin = torch.cuda.is_available()  # pinned host memory speeds GPU<->CPU copies; there is none without a GPU
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our torch AdamW, which ZeRO shards like any other
+        "steps_per_print": 2**31 - 1,  # our loop prints progress; keep DeepSpeed's own quiet
+    }
+
+
+class DeepSpeedTrainee:
+    def __init__(self, encoder: Encoder, job: JobConfig, total_steps: int, device: torch.device, bf16: bool):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.encoder = encoder.to(device)
+        self.stage = job.deepspeed.zero_stage
+        optimizer_cls = torch.optim.AdamW
+        if job.deepspeed.offload_optimizer:
+            # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed's vectorized CPU Adam is the fast one.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer_cls = DeepSpeedCPUAdam
+        optimizer = adamw(encoder.parameters(), job.train, optimizer_cls)
+        scheduler = warmup_cosine(optimizer, total_steps, job.train.warmup_ratio)
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=encoder,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(job.train, job.deepspeed, bf16),
+        )
+
+    def __call__(self, batch):
+        return self.module(**batch)
+
+    def step(self, loss: torch.Tensor) -> float:
+        self.module.backward(loss)
+        self.module.step()  # clips, steps the optimizer and the schedule, zeroes grads
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, path: str, rank: int) -> None:
+        # Collective: every rank writes its own optimizer shard into its local folder; Ray Train
+        # uploads all of them into one checkpoint directory.
+        self.module.save_checkpoint(path, tag=CHECKPOINT_TAG)
+
+    def load_state(self, path: str) -> None:
+        self.module.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    def export(self, path: str, rank: int) -> None:
+        """Save the whole model from rank 0; under ZeRO-3 the shards are gathered first (collective)."""
+        import deepspeed
+
+        params = list(self.encoder.model.parameters())
+        gather = deepspeed.zero.GatheredParameters(params) if self.stage == 3 else contextlib.nullcontext()
+        with gather:
+            # Weights are saved in the dtype they trained in: 16-bit under bf16, fp32 on CPU.
+            state = {k: v.detach().cpu().clone() for k, v in self.encoder.model.state_dict().items()} if rank == 0 else None
+        if rank == 0:
+            self.encoder.save(path, state_dict=state)
+

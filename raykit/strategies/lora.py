@@ -1,0 +1,107 @@
+"""LoRA through peft: adapters on a frozen base, trained data-parallel with DDP.
+
+The exported model has the adapters merged into the weights (it loads without peft, with zero serving
+overhead); the adapter is also saved on its own, for swapping onto the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import peft
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from raykit.config import JobConfig, LoraConfig
+from raykit.encoder import Encoder
+from raykit.errors import ConfigError
+from raykit.optim import adamw, warmup_cosine
+
+
+def apply_lora(encoder: Encoder, cfg: LoraConfig) -> None:
+    """Replace `encoder.model` with a peft model whose only trainable weights are the adapters."""
+    check_target_modules(encoder.model, cfg.target_modules)
+    lora = peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+    )
+    # transformers' model.add_adapter insists on a newer peft; get_peft_model is the stable entry point.
+    encoder.model = peft.get_peft_model(encoder.model, lora)
+
+
+def check_target_modules(model: nn.Module, targets) -> None:
+    """Fail on a target that matches no Linear layer, listing the names that would."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in names} | {".".join(n.rsplit(".", 2)[-2:]) for n in names})
+            raise ConfigError(
+                f"lora.target_modules: '{target}' matches no Linear layer of this model; "
+                f"valid names: {', '.join(suffixes)}"
+            )
+
+
+def export_lora(encoder: Encoder, path: str) -> None:
+    """Write `path` (merged model, sentence-transformers layout) and `path`/../adapter (peft)."""
+    encoder.model.save_pretrained(Path(path).parent / "adapter")
+    merged = encoder.model.merge_and_unload()
+    Encoder(merged, encoder.tokenizer, encoder.pooling, encoder.normalize, encoder.max_seq_length).save(path)
+
+
+class LoraTrainee:
+    def __init__(self, encoder: Encoder, job: JobConfig, total_steps: int, device: torch.device, bf16: bool):
+        apply_lora(encoder, job.lora)
+        self.encoder = encoder.to(device)
+        self.device = device
+        self.bf16 = bf16
+        self.max_grad_norm = job.train.max_grad_norm
+        self.params = [p for p in encoder.parameters() if p.requires_grad]
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.module = (
+            DistributedDataParallel(encoder, device_ids=[device] if device.type == "cuda" else None)
+            if distributed
+            else encoder
+        )
+        self.optimizer = adamw(self.params, job.train)
+        self.scheduler = warmup_cosine(self.optimizer, total_steps, job.train.warmup_ratio)
+
+    def __call__(self, batch):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with autocast:
+            return self.module(**batch)
+
+    def step(self, loss: torch.Tensor) -> float:
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, path: str, rank: int) -> None:
+        if rank != 0:  # DDP keeps every replica identical: one copy is the whole state
+            return
+        trainable = {n: p.detach().cpu() for n, p in self.encoder.named_parameters() if p.requires_grad}
+        state = {"trainable": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, Path(path) / "lora_state.pt")
+
+    def load_state(self, path: str) -> None:
+        state = torch.load(Path(path) / "lora_state.pt", map_location=self.device, weights_only=False)
+        missing = self.encoder.load_state_dict(state["trainable"], strict=False)
+        assert not missing.unexpected_keys, missing.unexpected_keys
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def export(self, path: str, rank: int) -> None:
+        if rank == 0:
+            export_lora(self.encoder, path)

@@ -1,0 +1,310 @@
+"""Training: the per-worker loop, and the TorchTrainer that runs it on Ray.
+
+`train_fn_per_worker` reads top to bottom: load the model, wrap it for the strategy, resume, evaluate
+the base, loop (encode, loss, step, log, checkpoint), evaluate, export. `run` validates the job on the
+driver, starts the workers, and lays the result out in output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from raykit import storage
+from raykit.config import JobConfig
+from raykit.data import Beir, load_beir, load_training_set
+from raykit.encoder import Encoder, resolve_model
+from raykit.errors import RaykitError
+from raykit.evaluate import evaluate, format_table
+from raykit.losses import mnr_loss
+from raykit.strategies import build_trainee
+
+STATE_FILE = "state.json"
+
+
+def train_fn_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, once per worker
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our progress line replaces its per-report line
+    job: JobConfig = config["job"]
+    eval_set: Beir | None = config["eval_set"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(job.train.seed)  # same init on every rank; DDP/DeepSpeed also broadcast rank 0's
+    torch.set_num_threads(job.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    bf16 = use_bf16(job.train.precision, device)
+    steps_per_epoch, total_steps = schedule_length(config["num_rows"], world, job)
+    log = _printer(rank)
+
+    # Model, wrapped for the strategy (peft + DDP, or a DeepSpeed engine).
+    encoder = Encoder.load(job.model)
+    trainee = build_trainee(encoder, job, total_steps, device, bf16)
+
+    # Resume: the latest checkpoint of this output_dir, after a rerun or a worker-group restart.
+    state = {"step": 0, "eval_before": None, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            trainee.load_state(path)
+            state = json.loads(Path(path, STATE_FILE).read_text())
+        log(f"resumed from step {state['step']}/{total_steps}")
+
+    def run_eval() -> dict:
+        return evaluate(trainee.encoder, eval_set, job.eval.dims, job.eval.batch_size, device, trainee.module)
+
+    if eval_set and job.eval.before and state["eval_before"] is None:
+        log(f"evaluating the base model on {len(eval_set.corpus)} docs, {len(eval_set.queries)} queries ...")
+        state["eval_before"] = run_eval()
+        log(_eval_line("before", state["eval_before"]))
+
+    shard = ray.train.get_dataset_shard("train")
+    global_batch = job.train.batch_size * world
+    step = state["step"]
+    window_start, window_steps, started = time.perf_counter(), 0, time.perf_counter()
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        # Same seed per epoch, so a resumed run replays the epoch's order and skips what it did.
+        batches = shard.iter_batches(
+            batch_size=job.train.batch_size,
+            drop_last=True,  # every rank takes the same number of steps, or the collectives hang
+            batch_format="numpy",
+            local_shuffle_buffer_size=4 * job.train.batch_size,
+            local_shuffle_seed=job.train.seed + epoch,
+        )
+        for i, batch in enumerate(batches):
+            if i < done_in_epoch:
+                continue
+            queries = trainee(_tokens(encoder, batch["query"], device))  # (B, H)
+            positives = trainee(_tokens(encoder, batch["positive"], device))  # (B, H)
+            negatives = trainee(_tokens(encoder, batch["negative"], device)) if "negative" in batch else None
+            loss = mnr_loss(
+                queries,
+                positives,
+                torch.tensor(batch["query_id"], device=device),
+                torch.tensor(batch["positive_id"], device=device),
+                scale=job.loss.scale,
+                negatives=negatives,
+                negative_ids=torch.tensor(batch["negative_id"], device=device) if negatives is not None else None,
+                gather=job.loss.gather,
+            )
+            grad_norm = trainee.step(loss)
+            step += 1
+            window_steps += 1
+
+            if step % job.train.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                pairs_per_s = window_steps * global_batch / (now - window_start)
+                metrics = {
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "loss": _mean_across_ranks(loss.detach().float(), world),
+                    "lr": trainee.lr,
+                    "grad_norm": grad_norm,
+                    "pairs_per_s": pairs_per_s,
+                }
+                eta = (total_steps - step) * global_batch / pairs_per_s
+                log(
+                    f"step {step}/{total_steps} ({100 * step // total_steps}%) | epoch {epoch + 1} | "
+                    f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {pairs_per_s:.1f} pairs/s | eta {_duration(eta)}"
+                )
+                if eval_set and job.train.eval_every and step % job.train.eval_every == 0 and step < total_steps:
+                    metrics.update(_flat(run_eval()))
+                state["history"].append(metrics)
+                ray.train.report(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+
+            if job.train.checkpoint_every and step % job.train.checkpoint_every == 0 and step < total_steps:
+                state["step"] = step
+                _report_checkpoint(trainee, state, rank, step, {"step": step})
+                log(f"checkpoint at step {step}")
+            if step >= total_steps:
+                break
+
+    state["step"] = step
+    after = None
+    if eval_set:
+        log("evaluating the fine-tuned model ...")
+        after = run_eval()
+        log(_eval_line("after", after))
+    log(f"training took {_duration(time.perf_counter() - started)}; exporting the model")
+    final = {"step": step, "done": True, **(_flat(after) if after else {})}
+    _report_checkpoint(trainee, state, rank, step, final, export=True, eval_after=after)
+
+
+def _report_checkpoint(trainee, state, rank, step, metrics, export=False, eval_after=None):
+    """Save state (and the exported model) to a local folder and hand it to Ray Train to persist."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainee.save_state(tmp, rank)
+        if export:
+            trainee.export(os.path.join(tmp, "model"), rank)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state))
+            if export:
+                Path(tmp, "eval.json").write_text(json.dumps({"before": state["eval_before"], "after": eval_after}, indent=2))
+                Path(tmp, "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["history"]))
+        has_files = any(Path(tmp).iterdir())
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
+            checkpoint_dir_name=f"checkpoint_{step:08d}",
+        )
+
+
+def run(job: JobConfig) -> dict:
+    """Validate, train on Ray, and write output_dir. Returns the run summary (also run.json)."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    output_dir = storage.resolve(job.output_dir)
+    summary_path = storage.join(output_dir, "run.json")
+    if storage.exists(summary_path):
+        print(f"[raykit] {summary_path} exists: this run is complete. Use another output_dir to train again.")
+        return json.loads(storage.read_bytes(summary_path))
+
+    # Everything that can be wrong with the input fails here, before a worker starts.
+    check_model(job)
+    table = load_training_set(job.data, job.train.seed)
+    eval_set = load_beir(job.eval.data, job.eval.split) if job.eval.data else None
+    steps_per_epoch, total_steps = schedule_length(table.num_rows, job.scaling.num_workers, job)
+    print(
+        f"[raykit] {table.num_rows} training pairs from {job.data.train} | {job.scaling.num_workers} worker(s) x "
+        f"batch {job.train.batch_size} | {steps_per_epoch} steps/epoch, {total_steps} steps | strategy {job.train.strategy}"
+    )
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"job": job, "num_rows": table.num_rows, "eval_set": eval_set},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints",
+            storage_path=output_dir,
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
+        ),
+        datasets={"train": ray.data.from_arrow(table)},
+    )
+    started = time.time()
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as path:
+        for name in ("model", "adapter"):
+            if Path(path, name).is_dir():
+                storage.copy_dir(str(Path(path, name)), storage.join(output_dir, name))
+        for name in ("eval.json", "metrics.jsonl"):
+            if Path(path, name).is_file():
+                storage.write_text(storage.join(output_dir, name), Path(path, name).read_text())
+        evaluation = json.loads(Path(path, "eval.json").read_text()) if Path(path, "eval.json").is_file() else {}
+
+    summary = {
+        "output_dir": output_dir,
+        "model": storage.join(output_dir, "model"),
+        "steps": total_steps,
+        "train_pairs": table.num_rows,
+        "seconds": round(time.time() - started, 1),
+        "eval": evaluation,
+        "config": job.to_dict(),
+    }
+    storage.write_text(summary_path, json.dumps(summary, indent=2))  # written last: marks the run complete
+    if evaluation.get("after"):
+        before = {int(k): v for k, v in (evaluation.get("before") or {}).items()}
+        after = {int(k): v for k, v in evaluation["after"].items()}
+        print(f"\n[raykit] {job.eval.data} ({job.eval.split})\n" + format_table(before, after))
+    print(f"\n[raykit] model: {summary['model']}  ({summary['seconds']}s)")
+    return summary
+
+
+def check_model(job: JobConfig) -> None:
+    """Load the model's config (not its weights) to check the job against it."""
+    from transformers import AutoConfig, AutoModel
+
+    path = resolve_model(job.model.name)
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RaykitError(f"model.name: cannot load '{job.model.name}' ({str(e).splitlines()[0]})") from None
+    if job.eval.dims and job.eval.dims[-1] > model_config.hidden_size:
+        raise RaykitError(f"eval.dims: {job.eval.dims[-1]} is larger than the model's {model_config.hidden_size} dimensions")
+    if job.train.strategy == "lora":
+        from raykit.strategies.lora import check_target_modules
+
+        with torch.device("meta"):  # module names without allocating weights
+            check_target_modules(AutoModel.from_config(model_config), job.lora.target_modules)
+
+
+def schedule_length(num_rows: int, world: int, job: JobConfig) -> tuple[int, int]:
+    steps_per_epoch = (num_rows // world) // job.train.batch_size
+    if steps_per_epoch == 0:
+        raise RaykitError(
+            f"data.train: {num_rows} pairs is less than one batch per worker "
+            f"(train.batch_size {job.train.batch_size} x scaling.num_workers {world}); lower train.batch_size"
+        )
+    return steps_per_epoch, job.train.max_steps or steps_per_epoch * job.train.epochs
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def _tokens(encoder: Encoder, texts, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in encoder.tokenize(list(texts)).items()}
+
+
+def _mean_across_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        on = value.device if dist.get_backend() == "nccl" else "cpu"
+        value = value.to(on)
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _flat(results: dict) -> dict[str, float]:
+    return {f"{name}/{dim}": v for dim, metrics in results.items() for name, v in metrics.items()}
+
+
+def _eval_line(label: str, results: dict) -> str:
+    return f"{label}: " + " | ".join(f"nDCG@10@{dim} {m['ndcg@10']:.4f}" for dim, m in results.items())
+
+
+def _printer(rank: int):
+    def log(msg: str) -> None:
+        if rank == 0:
+            # Not print(): Ray Train patches print on workers and the line would show twice.
+            sys.stdout.write(f"[raykit] {msg}\n")
+            sys.stdout.flush()
+
+    return log
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
