@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from raykit.errors import RaykitError
@@ -21,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
             from raykit.config import load_job
 
             job = load_job(args.job, args.overrides)
-            _init_ray()
             from raykit.train import run
 
             run(job)
@@ -30,12 +28,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raykit: error: {e}", file=sys.stderr)
         return 2
 
-
-def _init_ray() -> None:
-    """Join the cluster when there is one (`ray job submit`, RAY_ADDRESS); else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(log_to_driver=True, configure_logging=False)

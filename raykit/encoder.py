@@ -55,6 +55,10 @@ class Encoder(nn.Module):
         except (OSError, ValueError) as e:
             hint = "a local folder, a pkg: path, or a hub id reachable from this machine"
             raise RaykitError(f"model.name: cannot load '{cfg.name}' ({str(e).splitlines()[0]}); use {hint}") from None
+        if getattr(model, "pooler", None) is not None:
+            # BERT-style poolers feed next-sentence prediction, not our pooling of hidden states: an
+            # unused parameter that DDP and ZeRO would wait forever for. Frozen, and saved unchanged.
+            model.pooler.requires_grad_(False)
         return cls(model, tokenizer, cfg.pooling, cfg.normalize, cfg.max_seq_length)
 
     @property

@@ -37,7 +37,7 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train.torch
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, once per worker
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our progress line replaces its per-report line
+    _quiet_ray_train_reports()
     job: JobConfig = config["job"]
     eval_set: Beir | None = config["eval_set"]
     ctx = ray.train.get_context()
@@ -60,6 +60,7 @@ def train_fn_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as path:
             trainee.load_state(path)
             state = json.loads(Path(path, STATE_FILE).read_text())
+        state.setdefault("resumed_from", []).append(state["step"])
         log(f"resumed from step {state['step']}/{total_steps}")
 
     def run_eval() -> dict:
@@ -103,6 +104,9 @@ def train_fn_per_worker(config: dict) -> None:
             grad_norm = trainee.step(loss)
             step += 1
             window_steps += 1
+            if checkpoint is None and os.environ.get("RAYKIT_FAIL_AT_STEP") == str(step):
+                # Fault injection for the restart tests: fail once, on a run that did not resume.
+                raise RuntimeError(f"RAYKIT_FAIL_AT_STEP={step}: injected worker failure")
 
             if step % job.train.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
@@ -189,6 +193,7 @@ def run(job: JobConfig) -> dict:
     )
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
+    connect_ray()
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"job": job, "num_rows": table.num_rows, "eval_set": eval_set},
@@ -203,11 +208,20 @@ def run(job: JobConfig) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
+            # RAYKIT_* settings of the submitting shell reach the workers too
+            worker_runtime_env={"env_vars": raykit_env} if (raykit_env := _raykit_env()) else None,
         ),
         datasets={"train": ray.data.from_arrow(table)},
     )
     started = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        where = storage.join(output_dir, "checkpoints")
+        raise RaykitError(
+            f"training failed ({str(e).strip().splitlines()[0]}); the traceback is above. "
+            f"Checkpoints are in {where}: rerun the same command to resume from the latest."
+        ) from None
     with result.checkpoint.as_directory() as path:
         for name in ("model", "adapter"):
             if Path(path, name).is_dir():
@@ -216,6 +230,7 @@ def run(job: JobConfig) -> dict:
             if Path(path, name).is_file():
                 storage.write_text(storage.join(output_dir, name), Path(path, name).read_text())
         evaluation = json.loads(Path(path, "eval.json").read_text()) if Path(path, "eval.json").is_file() else {}
+        state = json.loads(Path(path, STATE_FILE).read_text())
 
     summary = {
         "output_dir": output_dir,
@@ -223,6 +238,7 @@ def run(job: JobConfig) -> dict:
         "steps": total_steps,
         "train_pairs": table.num_rows,
         "seconds": round(time.time() - started, 1),
+        "resumed_from": state.get("resumed_from", []),
         "eval": evaluation,
         "config": job.to_dict(),
     }
@@ -233,6 +249,18 @@ def run(job: JobConfig) -> dict:
         print(f"\n[raykit] {job.eval.data} ({job.eval.split})\n" + format_table(before, after))
     print(f"\n[raykit] model: {summary['model']}  ({summary['seconds']}s)")
     return summary
+
+
+def connect_ray() -> None:
+    """Join the cluster when there is one (`ray job submit`, RAY_ADDRESS); else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+
+
+def _raykit_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("RAYKIT_")}
 
 
 def check_model(job: JobConfig) -> None:
@@ -289,6 +317,16 @@ def _flat(results: dict) -> dict[str, float]:
 
 def _eval_line(label: str, results: dict) -> str:
     return f"{label}: " + " | ".join(f"nDCG@10@{dim} {m['ndcg@10']:.4f}" for dim, m in results.items())
+
+
+def _quiet_ray_train_reports() -> None:
+    """Our progress line replaces Ray Train's "Reporting training result" line at every report.
+
+    Ray Train names that logger by its file path, not its module, so LoggingConfig doesn't reach it.
+    """
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _printer(rank: int):

@@ -7,6 +7,7 @@ overhead); the adapter is also saved on its own, for swapping onto the base mode
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 import peft
@@ -21,6 +22,9 @@ from raykit.errors import ConfigError
 from raykit.optim import adamw, warmup_cosine
 
 
+POOLER = r".*pooler.*"
+
+
 def apply_lora(encoder: Encoder, cfg: LoraConfig) -> None:
     """Replace `encoder.model` with a peft model whose only trainable weights are the adapters."""
     check_target_modules(encoder.model, cfg.target_modules)
@@ -29,6 +33,7 @@ def apply_lora(encoder: Encoder, cfg: LoraConfig) -> None:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        exclude_modules=POOLER,  # its output is unused (see Encoder.load): an adapter there never trains
         bias="none",
     )
     # transformers' model.add_adapter insists on a newer peft; get_peft_model is the stable entry point.
@@ -37,7 +42,7 @@ def apply_lora(encoder: Encoder, cfg: LoraConfig) -> None:
 
 def check_target_modules(model: nn.Module, targets) -> None:
     """Fail on a target that matches no Linear layer, listing the names that would."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not re.fullmatch(POOLER, n)]
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in names):
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in names} | {".".join(n.rsplit(".", 2)[-2:]) for n in names})

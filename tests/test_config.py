@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from raykit.config import JobConfig, load_job
+from raykit.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_dataclass_defaults():
+    assert load_job(None) == JobConfig()
+
+
+def test_overrides_get_the_field_types():
+    job = load_job(None, ["train.lr=1e-4", "lora.rank=32", "eval.dims=[64,128]", "lora.target_modules=query",
+                          "scaling.use_gpu=true", "output_dir=/tmp/x", "lora.alpha=8"])
+    assert job.train.lr == 1e-4
+    assert job.lora.rank == 32
+    assert job.eval.dims == (64, 128)
+    assert job.lora.target_modules == ("query",)
+    assert job.scaling.use_gpu is True
+    assert job.output_dir == "/tmp/x"
+    assert job.lora.alpha == 8.0 and isinstance(job.lora.alpha, float)
+
+
+def test_override_beats_yaml(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("train:\n  lr: 0.5\n  epochs: 2\n")
+    job = load_job(p, ["train.lr=0.25"])
+    assert (job.train.lr, job.train.epochs) == (0.25, 2)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("lr=3", "unknown key 'lr' (did you mean 'train.lr'?)"),
+        ("lora.rnak=8", "did you mean 'lora.rank'"),
+        ("train.batch_size=abc", "'train.batch_size' must be int, got str 'abc'"),
+        ("train.epochs=1.5", "'train.epochs' must be int"),
+        ("scaling.use_gpu=3", "'scaling.use_gpu' must be bool"),
+        ("model.pooling=max", "model.pooling: 'max' is not one of mean, cls"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("deepspeed.offload_params=true", "needs zero_stage 3"),
+        ("eval.dims=[128,64]", "ascending"),
+        ("train.strategy=qlora", "train.strategy"),
+        ("trainlr", "expected key=value"),
+        ("train=3", "'train' must be a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_job(None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_job(p)
+    with pytest.raises(ConfigError, match="no such job file"):
+        load_job(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen_and_picklable():
+    import pickle
+
+    job = load_job(None, ["lora.rank=4"])
+    with pytest.raises(Exception):
+        job.lora.rank = 8  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(job)) == job
+
+
+def test_every_job_yaml_loads_and_shows_its_commands():
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
+    assert len(jobs) == 3, [j.name for j in jobs]  # quickstart, scifact_lora, scifact_full
+    for path in jobs:
+        job = load_job(path)
+        header = path.read_text().split("\n\n")[0]
+        assert f"raykit train {path.relative_to(REPO)}" in header or path.name == "quickstart.yaml"
+        assert "ray job submit" in header, path
+        assert job.data.train and job.eval.data, path

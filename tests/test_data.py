@@ -1,0 +1,104 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raykit.config import DataConfig
+from raykit.data import load_beir, load_training_set
+from raykit.errors import DataError
+
+from conftest import QUICKSTART, upload_dir
+
+
+def write_beir(root, corpus, queries, qrels, split="train"):
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (root / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels))
+    return root
+
+
+def small_beir(root):
+    corpus = [{"_id": f"d{i}", "title": f"T{i}", "text": f"text {i}"} for i in range(4)]
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(3)]
+    return write_beir(root, corpus, queries, [("q0", "d0", 1), ("q0", "d1", 1), ("q1", "d2", 1), ("q2", "d3", 0)])
+
+
+def test_beir_pairs_keep_only_relevant_judgements(tmp_path):
+    table = load_training_set(DataConfig(train=str(small_beir(tmp_path))), seed=0)
+    assert table.num_rows == 3  # q2-d3 has score 0
+    rows = {(r["query"], r["positive"]) for r in table.to_pylist()}
+    assert rows == {("query 0", "T0 text 0"), ("query 0", "T1 text 1"), ("query 1", "T2 text 2")}
+    # the two pairs of q0 share a query id, so the loss won't use one as the other's negative
+    q0 = [r["query_id"] for r in table.to_pylist() if r["query"] == "query 0"]
+    assert q0[0] == q0[1]
+
+
+def test_quickstart_data_counts():
+    beir = load_beir(str(QUICKSTART), "test")
+    assert (len(beir.corpus), len(beir.queries)) == (240, 90)
+    assert load_training_set(DataConfig(train=str(QUICKSTART)), seed=0).num_rows == 450
+
+
+def test_pair_files_jsonl_and_parquet(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"query": "q", "positive": "p", "negative": "n"}) + "\n")
+    pq.write_table(pa.table({"query": ["q2"], "positive": ["p2"], "negative": ["n2"]}), tmp_path / "b.parquet")
+    table = load_training_set(DataConfig(train=str(tmp_path)), seed=0)
+    assert table.num_rows == 2
+    assert {"query", "positive", "negative", "query_id", "positive_id", "negative_id"} <= set(table.column_names)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: (p / "x.jsonl").write_text('{"query": "q"}\n'), r"x.jsonl:line 1: column 'positive' is missing"),
+        (lambda p: (p / "x.jsonl").write_text('{"query": "q", "positive": "p"}\n{"query": "", "positive": "p"}\n'),
+         r"x.jsonl:line 2: column 'query' is not a non-empty string"),
+        (lambda p: (p / "x.jsonl").write_text(""), r"x.jsonl: empty file"),
+        (lambda p: (p / "x.jsonl").write_text('{"query": "q", "positive": "p"}\nnot json\n'), r"x.jsonl:2: not valid JSON"),
+        (lambda p: pq.write_table(pa.table({"query": ["q"], "pos": ["p"]}), p / "x.parquet"),
+         r"x.parquet:row 1: column 'positive' is missing"),
+    ],
+)
+def test_bad_pair_files_name_file_and_line(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(DataError, match=message):
+        load_training_set(DataConfig(train=str(tmp_path)), seed=0)
+
+
+def test_bad_beir_names_file_and_id(tmp_path):
+    corpus = [{"_id": "d0", "text": "a"}, {"_id": "d1", "text": "b"}]
+    queries = [{"_id": "q0", "text": "x"}]
+    root = write_beir(tmp_path / "a", corpus, queries, [("q0", "d9", 1)])
+    with pytest.raises(DataError, match=r"qrels/train.tsv:2: corpus-id 'd9' is not in .*corpus.jsonl"):
+        load_training_set(DataConfig(train=str(root)), seed=0)
+    root = write_beir(tmp_path / "b", corpus, queries, [("q7", "d0", 1)])
+    with pytest.raises(DataError, match=r"qrels/train.tsv:2: query-id 'q7' is not in .*queries.jsonl"):
+        load_training_set(DataConfig(train=str(root)), seed=0)
+    root = write_beir(tmp_path / "c", corpus + [{"_id": "d0", "text": "again"}], queries, [("q0", "d0", 1)])
+    with pytest.raises(DataError, match=r"corpus.jsonl:3: duplicate _id 'd0' \(first on line 1\)"):
+        load_training_set(DataConfig(train=str(root)), seed=0)
+    with pytest.raises(DataError, match=r"qrels/dev.tsv: no such qrels file"):
+        load_training_set(DataConfig(train=str(root), split="dev"), seed=0)
+    with pytest.raises(DataError, match=r"no such file or folder"):
+        load_training_set(DataConfig(train=str(tmp_path / "nowhere")), seed=0)
+
+
+def test_max_examples_and_seeded_shuffle(tmp_path):
+    cfg = DataConfig(train=str(QUICKSTART), max_examples=10)
+    a, b = load_training_set(cfg, seed=1), load_training_set(cfg, seed=1)
+    assert a.num_rows == 10 and a.equals(b)
+    assert not a.equals(load_training_set(cfg, seed=2))
+
+
+def test_reads_beir_and_pairs_from_s3(s3_server, tmp_path):
+    bucket = s3_server()
+    uri = upload_dir(s3_server.client, QUICKSTART, bucket, "quickstart")
+    assert load_training_set(DataConfig(train=uri), seed=0).num_rows == 450
+    assert len(load_beir(uri, "test").queries) == 90
+    (tmp_path / "p.jsonl").write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    s3_server.client.upload_file(str(tmp_path / "p.jsonl"), bucket, "pairs/p.jsonl")
+    assert load_training_set(DataConfig(train=f"s3://{bucket}/pairs"), seed=0).num_rows == 1
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_training_set(DataConfig(train=f"s3://{bucket}/missing"), seed=0)

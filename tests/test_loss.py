@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from raykit.losses import mnr_loss
+
+from distributed import run_two
+
+B, D_IN, D = 4, 12, 8  # per-worker batch; global batch is 2*B
+
+
+def make_batch(seed=0, negatives=False):
+    g = torch.Generator().manual_seed(seed)
+    xq, xd, xn = (torch.randn(2 * B, D_IN, generator=g) for _ in range(3))
+    qid = torch.arange(2 * B)
+    pid = torch.arange(100, 100 + 2 * B)
+    # duplicates across the two workers' halves: doc of row 1 is also row 6's positive (same doc text),
+    # and row 2 and row 5 are the same query with two different positives.
+    xd[6], pid[6] = xd[1], pid[1]
+    xq[5], qid[5] = xq[2], qid[2]
+    nid = torch.arange(200, 200 + 2 * B)
+    return xq, xd, (xn if negatives else None), qid, pid, (nid if negatives else None)
+
+
+def encoder(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(D_IN, D)
+
+
+def embed(model, x):
+    return F.normalize(model(x), dim=-1)
+
+
+def _single(negatives):
+    xq, xd, xn, qid, pid, nid = make_batch(negatives=negatives)
+    model = encoder()
+    loss = mnr_loss(embed(model, xq), embed(model, xd), qid, pid, scale=20.0,
+                    negatives=embed(model, xn) if xn is not None else None, negative_ids=nid, gather=False)
+    loss.backward()
+    return loss.detach(), model.weight.grad.clone(), model.bias.grad.clone()
+
+
+def _worker(rank, negatives, out_path):
+    xq, xd, xn, qid, pid, nid = make_batch(negatives=negatives)
+    part = slice(rank * B, (rank + 1) * B)
+    model = DistributedDataParallel(encoder())
+    loss = mnr_loss(embed(model, xq[part]), embed(model, xd[part]), qid[part], pid[part], scale=20.0,
+                    negatives=embed(model, xn[part]) if xn is not None else None,
+                    negative_ids=nid[part] if nid is not None else None, gather=True)
+    loss.backward()  # DDP averages the parameter grads over the 2 workers
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    if rank == 0:
+        torch.save((mean_loss / 2, model.module.weight.grad, model.module.bias.grad), out_path)
+
+
+@pytest.mark.parametrize("negatives", [False, True], ids=["pairs", "hard-negatives"])
+def test_two_workers_equal_one_process_on_the_concatenated_batch(tmp_path, negatives):
+    run_two(_worker, negatives, str(tmp_path / "out.pt"))
+    loss2, w2, b2 = torch.load(tmp_path / "out.pt")
+    loss1, w1, b1 = _single(negatives)
+    torch.testing.assert_close(loss2, loss1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w2, w1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b2, b1, atol=1e-5, rtol=1e-4)
+
+
+def test_matches_plain_cross_entropy_without_duplicates():
+    torch.manual_seed(0)
+    q, d = F.normalize(torch.randn(5, D), dim=-1), F.normalize(torch.randn(5, D), dim=-1)
+    ids = torch.arange(5)
+    expected = F.cross_entropy(20.0 * q @ d.T, torch.arange(5))
+    torch.testing.assert_close(mnr_loss(q, d, ids, ids + 10, scale=20.0, gather=False), expected)
+
+
+def test_a_duplicated_positive_is_not_a_negative():
+    torch.manual_seed(0)
+    q, d = F.normalize(torch.randn(3, D), dim=-1), F.normalize(torch.randn(3, D), dim=-1)
+    d[2] = d[0]  # the same document twice in the batch
+    pid = torch.tensor([7, 8, 7])
+    loss = mnr_loss(q, d, torch.arange(3), pid, scale=20.0, gather=False)
+    logits = 20.0 * q @ d.T
+    # query 0 sees its positive (col 0) and col 1; col 2 is its own document again and is left out
+    expected = torch.stack([
+        -logits[0, 0] + torch.logsumexp(logits[0, [0, 1]], 0),
+        -logits[1, 1] + torch.logsumexp(logits[1, [0, 1, 2]], 0),
+        -logits[2, 2] + torch.logsumexp(logits[2, [1, 2]], 0),
+    ]).mean()
+    torch.testing.assert_close(loss, expected)
+    # and a query's second positive is not a negative for its first
+    loss_q = mnr_loss(q, d, torch.tensor([1, 1, 2]), torch.tensor([10, 11, 12]), scale=20.0, gather=False)
+    expected_q = torch.stack([
+        -logits[0, 0] + torch.logsumexp(logits[0, [0, 2]], 0),
+        -logits[1, 1] + torch.logsumexp(logits[1, [1, 2]], 0),
+        -logits[2, 2] + torch.logsumexp(logits[2, [0, 1, 2]], 0),
+    ]).mean()
+    torch.testing.assert_close(loss_q, expected_q)

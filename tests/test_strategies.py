@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from raykit.config import DeepSpeedConfig, LoraConfig, ModelConfig, TrainConfig
+from raykit.encoder import Encoder
+from raykit.errors import ConfigError
+from raykit.strategies.full import deepspeed_config
+from raykit.strategies.lora import apply_lora, export_lora
+
+TEXTS = ["lora adapters", "a frozen base model with a longer sentence"]
+
+
+def test_lora_trains_only_adapters_of_the_targets(tiny_model):
+    encoder = Encoder.load(ModelConfig(name=tiny_model))
+    apply_lora(encoder, LoraConfig(rank=4, alpha=8, target_modules=("query", "value")))
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable, "no trainable parameters"
+    assert all(("lora_A" in n or "lora_B" in n) for n in trainable)
+    assert all((".query." in n or ".value." in n) for n in trainable)
+    assert len(trainable) == 2 * 2 * 2  # 2 layers x {query, value} x {A, B}
+    frozen = [p for n, p in encoder.named_parameters() if not p.requires_grad]
+    assert frozen and all(not p.requires_grad for p in frozen)
+
+
+def test_lora_with_zero_b_equals_the_base_model(tiny_model):
+    base = Encoder.load(ModelConfig(name=tiny_model)).eval()
+    expected = base.encode(TEXTS)
+    encoder = Encoder.load(ModelConfig(name=tiny_model)).eval()
+    apply_lora(encoder, LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=("query", "key", "value", "dense")))
+    torch.testing.assert_close(encoder.encode(TEXTS), expected)  # peft initializes B = 0
+
+
+def test_lora_typo_lists_the_module_names(tiny_model):
+    encoder = Encoder.load(ModelConfig(name=tiny_model))
+    with pytest.raises(ConfigError) as e:
+        apply_lora(encoder, LoraConfig(target_modules=("q_proj",)))
+    assert "'q_proj' matches no Linear layer" in str(e.value)
+    for name in ("query", "key", "value", "dense"):
+        assert name in str(e.value)
+
+
+def test_merged_export_loads_without_peft_and_matches(tiny_model, tmp_path):
+    encoder = Encoder.load(ModelConfig(name=tiny_model)).eval()
+    apply_lora(encoder, LoraConfig(rank=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # move the adapters off zero so the merge has something to merge
+        for n, p in encoder.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    adapted = encoder.encode(TEXTS)
+    export_lora(encoder, str(tmp_path / "model"))
+    merged = Encoder.load(ModelConfig(name=str(tmp_path / "model"))).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged.encode(TEXTS), adapted, atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    base = Encoder.load(ModelConfig(name=tiny_model)).eval().encode(TEXTS)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_config_is_derived_from_the_train_config(stage):
+    train = TrainConfig(strategy="full", batch_size=24, max_grad_norm=0.5, lr=3e-5)
+    ds = DeepSpeedConfig(zero_stage=stage, offload_optimizer=True, offload_params=stage == 3)
+    cfg = deepspeed_config(train, ds, bf16=True)
+    assert cfg["train_micro_batch_size_per_gpu"] == 24
+    assert cfg["gradient_accumulation_steps"] == 1
+    assert "train_batch_size" not in cfg  # DeepSpeed derives it from micro batch x world size
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"] == {"enabled": True}
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ("offload_param" in cfg["zero_optimization"]) == (stage == 3)
+    assert "optimizer" not in cfg and "scheduler" not in cfg  # ours go in as client objects, lr set once
+    plain = deepspeed_config(train, DeepSpeedConfig(zero_stage=stage), bf16=False)
+    assert plain["bf16"] == {"enabled": False} and "offload_optimizer" not in plain["zero_optimization"]
