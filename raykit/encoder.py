@@ -51,7 +51,8 @@ class Encoder(nn.Module):
         path = resolve_model(cfg.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
+            # fp32 master weights whatever the checkpoint's dtype; bf16 comes from autocast or DeepSpeed.
+            model = AutoModel.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError) as e:
             hint = "a local folder, a pkg: path, or a hub id reachable from this machine"
             raise RaykitError(f"model.name: cannot load '{cfg.name}' ({str(e).splitlines()[0]}); use {hint}") from None

@@ -82,25 +82,13 @@ def train_fn_per_worker(config: dict) -> None:
             batch_size=job.train.batch_size,
             drop_last=True,  # every rank takes the same number of steps, or the collectives hang
             batch_format="numpy",
-            local_shuffle_buffer_size=4 * job.train.batch_size,
+            local_shuffle_buffer_size=min(config["num_rows"] // world, 100_000),  # a full reshuffle of small shards
             local_shuffle_seed=job.train.seed + epoch,
         )
         for i, batch in enumerate(batches):
             if i < done_in_epoch:
                 continue
-            queries = trainee(_tokens(encoder, batch["query"], device))  # (B, H)
-            positives = trainee(_tokens(encoder, batch["positive"], device))  # (B, H)
-            negatives = trainee(_tokens(encoder, batch["negative"], device)) if "negative" in batch else None
-            loss = mnr_loss(
-                queries,
-                positives,
-                torch.tensor(batch["query_id"], device=device),
-                torch.tensor(batch["positive_id"], device=device),
-                scale=job.loss.scale,
-                negatives=negatives,
-                negative_ids=torch.tensor(batch["negative_id"], device=device) if negatives is not None else None,
-                gather=job.loss.gather,
-            )
+            loss = training_loss(trainee, batch, job, device)
             grad_norm = trainee.step(loss)
             step += 1
             window_steps += 1
@@ -146,6 +134,24 @@ def train_fn_per_worker(config: dict) -> None:
     log(f"training took {_duration(time.perf_counter() - started)}; exporting the model")
     final = {"step": step, "done": True, **(_flat(after) if after else {})}
     _report_checkpoint(trainee, state, rank, step, final, export=True, eval_after=after)
+
+
+def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
+    """Encode one batch of (query, positive[, negative]) rows and score it with the job's loss."""
+    encoder = trainee.encoder
+    queries = trainee(_tokens(encoder, batch["query"], device))  # (B, H)
+    positives = trainee(_tokens(encoder, batch["positive"], device))  # (B, H)
+    negatives = trainee(_tokens(encoder, batch["negative"], device)) if "negative" in batch else None  # (B, H)
+    return mnr_loss(
+        queries,
+        positives,
+        torch.tensor(batch["query_id"], device=device),
+        torch.tensor(batch["positive_id"], device=device),
+        scale=job.loss.scale,
+        negatives=negatives,
+        negative_ids=torch.tensor(batch["negative_id"], device=device) if negatives is not None else None,
+        gather=job.loss.gather,
+    )
 
 
 def _report_checkpoint(trainee, state, rank, step, metrics, export=False, eval_after=None):

@@ -1,0 +1,147 @@
+"""GPU check of raykit's per-worker code, without Ray (for a lent GPU machine, one short run).
+
+    python bench/gpu_check.py --model DIR --data SCIFACT_DIR --out DIR [--scan-seconds 300]
+
+1. bf16 on CUDA: LoRA (autocast) and full fine-tuning under DeepSpeed ZeRO-2 and ZeRO-3, a few steps
+   each; the exported model, reloaded, must embed like the trained one. Peak GPU memory per strategy.
+2. Embedding throughput of the encoder on the SciFact corpus, fp32 and bf16.
+3. A learning-rate x epochs scan on SciFact (fp32, as the CPU jobs run), to choose the jobs' defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raykit.config import DataConfig, load_job
+from raykit.data import load_beir, load_training_set
+from raykit.encoder import Encoder
+from raykit.evaluate import evaluate
+from raykit.strategies import build_trainee
+from raykit.train import training_loss
+
+
+def train(job, table, device, bf16):
+    steps_per_epoch = table.num_rows // job.train.batch_size
+    total = job.train.max_steps or steps_per_epoch * job.train.epochs
+    torch.manual_seed(job.train.seed)
+    trainee = build_trainee(Encoder.load(job.model), job, total, device, bf16)
+    rng = np.random.default_rng(job.train.seed)
+    step, started = 0, time.perf_counter()
+    while step < total:
+        order = rng.permutation(table.num_rows)
+        for b in range(steps_per_epoch):
+            rows = table.take(order[b * job.train.batch_size:(b + 1) * job.train.batch_size]).to_pydict()
+            batch = {k: np.asarray(v) if k.endswith("_id") else v for k, v in rows.items()}
+            loss = training_loss(trainee, batch, job, device)
+            trainee.step(loss)
+            step += 1
+            if step >= total:
+                break
+    torch.cuda.synchronize()
+    return trainee, float(loss), (time.perf_counter() - started) / total
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--scan-seconds", type=float, default=300)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=256)
+    args = p.parse_args()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    cuda = torch.cuda.is_available()  # without one: a CPU dry run of this script, bf16 off
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.cuda.synchronize = torch.cuda.reset_peak_memory_stats = torch.cuda.empty_cache = lambda: None
+        torch.cuda.max_memory_allocated = lambda: 0
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__, "checks": [], "throughput": {}, "scan": []}
+    out_path = os.path.join(args.out, "gpu_check.json")
+
+    def dump():
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=2)
+
+    base = [f"model.name={args.model}", f"data.train={args.data}", f"model.max_seq_length={args.max_len}",
+            f"train.batch_size={args.batch}"]
+    table = load_training_set(DataConfig(train=args.data), seed=42)
+    test = load_beir(args.data, "test")
+    probe = list(test.corpus.values())[:64]
+
+    # 1. bf16 strategies on CUDA, export round trip
+    for extra in (["train.strategy=lora", "train.lr=2e-4"],
+                  ["train.strategy=full", "deepspeed.zero_stage=2", "train.lr=3e-5"],
+                  ["train.strategy=full", "deepspeed.zero_stage=3", "train.lr=3e-5"]):
+        job = load_job(None, base + extra + [f"train.max_steps={args.steps}", f"train.precision={'bf16' if cuda else 'fp32'}"])
+        torch.cuda.reset_peak_memory_stats()
+        trainee, loss, step_s = train(job, table, device, bf16=cuda)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            trained = trainee.encoder.encode(probe, 32, device, trainee.module)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainee.export(os.path.join(tmp, "model"), rank=0)
+            reloaded = Encoder.load(dataclasses.replace(job.model, name=os.path.join(tmp, "model"))).to(device)
+            again = reloaded.encode(probe, 32, device)
+            dtype = str(next(iter(__import__("safetensors.torch", fromlist=["x"]).load_file(os.path.join(tmp, "model", "model.safetensors")).values())).dtype)
+        cos = F.cosine_similarity(trained, again).min().item()
+        report["checks"].append({"job": " ".join(extra), "loss": loss, "ms_per_step": 1000 * step_s, "peak_mib": peak,
+                                 "export_min_cosine": cos, "saved_dtype": dtype, "ok": bool(np.isfinite(loss) and cos > 0.99)})
+        print(report["checks"][-1], flush=True)
+        del trainee
+        torch.cuda.empty_cache()
+        dump()
+
+    # 2. embedding throughput
+    encoder = Encoder.load(load_job(None, base).model).to(device)
+    docs = list(test.corpus.values())
+    for name, ctx in (("fp32", torch.autocast("cuda", enabled=False)), ("bf16", torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda))):
+        with ctx:
+            encoder.encode(docs[:512], 256, device)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            encoder.encode(docs, 256, device)
+            torch.cuda.synchronize()
+        report["throughput"][name] = len(docs) / (time.perf_counter() - t)
+    print(report["throughput"], flush=True)
+    dump()
+
+    # 3. lr x epochs scan (fp32, like the CPU jobs); base first
+    full = encoder.dim
+    DIMS = (64, full) if full > 64 else (full,)
+    report["scan"].append({"config": "base", "ndcg@10": {d: m["ndcg@10"] for d, m in evaluate(encoder, test, DIMS, 256, device).items()}})
+    print(report["scan"][-1], flush=True)
+    started = time.time()
+    grid = [("lora", lr, ep, []) for lr in (2e-4, 5e-4, 1e-3) for ep in (3, 6)]
+    grid += [("full", lr, ep, ["deepspeed.zero_stage=2"]) for lr in (3e-5, 6e-5, 1e-4) for ep in (3, 6)]
+    grid += [("lora", 5e-4, 6, ["lora.rank=64", "lora.alpha=128"]), ("lora", 1e-3, 10, [])]
+    for strategy, lr, epochs, extra in grid:
+        if time.time() - started > args.scan_seconds:
+            break
+        job = load_job(None, base + [f"train.strategy={strategy}", f"train.lr={lr}", f"train.epochs={epochs}",
+                                     "train.precision=fp32", "lora.target_modules=[query,key,value,dense]", *extra])
+        trainee, loss, step_s = train(job, table, device, bf16=False)
+        res = evaluate(trainee.encoder, test, DIMS, 256, device, trainee.module)
+        report["scan"].append({"config": f"{strategy} lr={lr:g} epochs={epochs} {' '.join(extra)}".strip(),
+                               "ndcg@10": {d: m["ndcg@10"] for d, m in res.items()}, "ms_per_step": 1000 * step_s})
+        print(report["scan"][-1], flush=True)
+        del trainee
+        torch.cuda.empty_cache()
+        dump()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
