@@ -106,6 +106,7 @@ def train_fn_per_worker(config: dict) -> None:
                     "lr": trainee.lr,
                     "grad_norm": grad_norm,
                     "pairs_per_s": pairs_per_s,
+                    "elapsed_s": now - started,
                 }
                 eta = (total_steps - step) * global_batch / pairs_per_s
                 log(
@@ -116,7 +117,7 @@ def train_fn_per_worker(config: dict) -> None:
                     metrics.update(_flat(run_eval()))
                 state["history"].append(metrics)
                 ray.train.report(metrics)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps = now, 0  # from `now`: reporting and eval time count too
 
             if job.train.checkpoint_every and step % job.train.checkpoint_every == 0 and step < total_steps:
                 state["step"] = step

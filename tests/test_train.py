@@ -67,7 +67,7 @@ def check_outputs(out: Path) -> dict:
 @pytest.mark.parametrize(
     "strategy",
     [
-        ["train.strategy=lora", "lora.rank=4", "train.lr=1e-2"],
+        ["train.strategy=lora", "lora.rank=4", "train.lr=1e-2", "train.eval_every=2"],
         ["train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3"],
         ["train.strategy=full", "deepspeed.zero_stage=3", "train.lr=1e-3"],
     ],
@@ -81,6 +81,9 @@ def test_train_two_workers(ray_cluster, tiny_model, tmp_path, strategy):
     evaluation = summary["eval"]
     assert evaluation["after"]["32"]["ndcg@10"] != evaluation["before"]["32"]["ndcg@10"], "the model did not change"
     assert (out / "adapter").is_dir() == (strategy[0] == "train.strategy=lora")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    periodic = [m["step"] for m in metrics if "ndcg@10/32" in m]
+    assert periodic == ([2] if "train.eval_every=2" in strategy else [])
 
 
 def test_failed_worker_group_restarts_from_checkpoint(ray_cluster, tiny_model, tmp_path, monkeypatch):
