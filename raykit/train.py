@@ -96,7 +96,8 @@ def train_fn_per_worker(config: dict) -> None:
                 # Fault injection for the restart tests: fail once, on a run that did not resume.
                 raise RuntimeError(f"RAYKIT_FAIL_AT_STEP={step}: injected worker failure")
 
-            if step % job.train.log_every == 0 or step == total_steps:
+            do_eval = bool(eval_set and job.train.eval_every and step % job.train.eval_every == 0 and step < total_steps)
+            if step % job.train.log_every == 0 or step == total_steps or do_eval:
                 now = time.perf_counter()
                 pairs_per_s = window_steps * global_batch / (now - window_start)
                 metrics = {
@@ -113,11 +114,15 @@ def train_fn_per_worker(config: dict) -> None:
                     f"step {step}/{total_steps} ({100 * step // total_steps}%) | epoch {epoch + 1} | "
                     f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {pairs_per_s:.1f} pairs/s | eta {_duration(eta)}"
                 )
-                if eval_set and job.train.eval_every and step % job.train.eval_every == 0 and step < total_steps:
+                eval_s = 0.0
+                if do_eval:
                     metrics.update(_flat(run_eval()))
+                    eval_s = time.perf_counter() - now
+                    log(_eval_line(f"step {step}", {d: {"ndcg@10": metrics[f"ndcg@10/{d}"]} for d in job.eval.dims or [encoder.dim]}))
                 state["history"].append(metrics)
                 ray.train.report(metrics)
-                window_start, window_steps = now, 0  # from `now`: reporting and eval time count too
+                # the next window starts now: report time counts against pairs/s, evaluation time doesn't
+                window_start, window_steps = now + eval_s, 0
 
             if job.train.checkpoint_every and step % job.train.checkpoint_every == 0 and step < total_steps:
                 state["step"] = step
