@@ -229,6 +229,7 @@ def run(job: JobConfig) -> dict:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
+        print(str(e), file=sys.stderr)  # the workers' tracebacks: the detail the one-line summary can't hold
         where = storage.join(output_dir, "checkpoints")
         raise RaykitError(
             f"training failed ({str(e).strip().splitlines()[0]}); the traceback is above. "
