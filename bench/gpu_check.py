@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -95,7 +96,8 @@ def main():
             trainee.export(os.path.join(tmp, "model"), rank=0)
             reloaded = Encoder.load(dataclasses.replace(job.model, name=os.path.join(tmp, "model"))).to(device)
             again = reloaded.encode(probe, 32, device)
-            dtype = str(next(iter(__import__("safetensors.torch", fromlist=["x"]).load_file(os.path.join(tmp, "model", "model.safetensors")).values())).dtype)
+            saved = safetensors.torch.load_file(os.path.join(tmp, "model", "model.safetensors"))
+            dtype = str(next(iter(saved.values())).dtype)
         cos = F.cosine_similarity(trained, again).min().item()
         report["checks"].append({"job": " ".join(extra), "loss": loss, "ms_per_step": 1000 * step_s, "peak_mib": peak,
                                  "export_min_cosine": cos, "saved_dtype": dtype, "ok": bool(np.isfinite(loss) and cos > 0.99)})
