@@ -116,9 +116,10 @@ def train_fn_per_worker(config: dict) -> None:
                 )
                 eval_s = 0.0
                 if do_eval:
-                    metrics.update(_flat(run_eval()))
+                    results = run_eval()
+                    metrics.update(_flat(results))
                     eval_s = time.perf_counter() - now
-                    log(_eval_line(f"step {step}", {d: {"ndcg@10": metrics[f"ndcg@10/{d}"]} for d in job.eval.dims or [encoder.dim]}))
+                    log(_eval_line(f"step {step}", results))
                 state["history"].append(metrics)
                 ray.train.report(metrics)
                 # the next window starts now: report time counts against pairs/s, evaluation time doesn't
@@ -197,6 +198,8 @@ def run(job: JobConfig) -> dict:
     # Everything that can be wrong with the input fails here, before a worker starts.
     check_model(job)
     table = load_training_set(job.data, job.train.seed)
+    if job.eval.data and not storage.exists(job.eval.data):
+        raise RaykitError(f"eval.data: {job.eval.data}: no such folder; point it at a BEIR folder or set eval.data= to skip")
     eval_set = load_beir(job.eval.data, job.eval.split) if job.eval.data else None
     steps_per_epoch, total_steps = schedule_length(table.num_rows, job.scaling.num_workers, job)
     print(

@@ -133,6 +133,7 @@ def test_s3_data_and_output(ray_cluster, tiny_model, s3_server, tmp_path):
         (["lora.target_modules=[q_proj]"], "lora.target_modules: 'q_proj' matches no Linear layer"),
         (["data.train=/nonexistent/pairs.jsonl"], "data.train: /nonexistent/pairs.jsonl: no such file or folder"),
         (["eval.dims=[64]"], "eval.dims: 64 is larger than the model's 32 dimensions"),
+        (["eval.data=/nonexistent/beir"], "eval.data: /nonexistent/beir: no such folder"),
         (["train.batch_size=4096"], "less than one batch per worker"),
         (["train.lrr=1"], "did you mean 'train.lr'"),
     ],
