@@ -1,4 +1,4 @@
-"""`raykit train JOB.yaml key=value ...` (and `python -m raykit`)."""
+"""`raykit train|embed|search ...` (and `python -m raykit`)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,68 @@ from raykit.errors import RaykitError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raykit", description="Fine-tune embedding models on Ray.")
+    parser = argparse.ArgumentParser(prog="raykit", description="Fine-tune embedding models on Ray and re-embed corpora with them.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     train = sub.add_parser("train", help="fine-tune a model from a job YAML")
     train.add_argument("job", help="job YAML, e.g. jobs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=1e-4 output_dir=runs/x")
-    args = parser.parse_args(argv)
+
+    embed = sub.add_parser("embed", help="embed a corpus into Parquet shards + manifest (local or s3://)")
+    embed.add_argument("job", help="embed job YAML, e.g. jobs/reembed_scifact.yaml")
+    embed.add_argument("overrides", nargs="*", help="key=value, e.g. model=runs/x/model output=s3://bucket/emb")
+
+    search = sub.add_parser("search", help="top-k documents for queries from stored embeddings")
+    search.add_argument("output", help="what `raykit embed` wrote (folder or s3:// prefix with manifest.json)")
+    search.add_argument("queries", nargs="*", help="query texts")
+    search.add_argument("--model", required=True, help="the query model; must be the one that embedded the corpus")
+    search.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    search.add_argument("--beir", help="instead of queries: score this BEIR folder's split against the stored embeddings")
+    search.add_argument("--split", default="test", help="BEIR split for --beir (default test)")
+
+    # Queries may come after --model (`raykit search OUT --model M "q1" "q2"`): argparse hands the
+    # ones after an option back as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "search" or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.queries += extra
     try:
         if args.command == "train":
             from raykit.config import load_job
-
-            job = load_job(args.job, args.overrides)
             from raykit.train import run
 
-            run(job)
+            run(load_job(args.job, args.overrides))
+        elif args.command == "embed":
+            from raykit.config import EmbedJob, load_job
+            from raykit.embed import run
+
+            run(load_job(args.job, args.overrides, EmbedJob))
+        elif args.command == "search":
+            _search(args)
         return 0
     except RaykitError as e:
         print(f"raykit: error: {e}", file=sys.stderr)
         return 2
 
+
+def _search(args) -> None:
+    from raykit import search, storage
+
+    output = storage.resolve(args.output)
+    if args.beir:
+        from raykit.data import load_beir
+
+        metrics = search.evaluate_stored(output, args.model, load_beir(args.beir, args.split))
+        print(f"[raykit] {args.beir} ({args.split}) against {output}")
+        for name, value in metrics.items():
+            print(f"  {name:<11}{value:.4f}")
+        return
+    if not args.queries:
+        raise RaykitError("search: no queries; pass query texts, or --beir FOLDER to score a BEIR split")
+    if args.k <= 0:
+        raise RaykitError(f"search: -k {args.k} must be above 0")
+    for query, hits in zip(args.queries, search.search(output, args.model, args.queries, args.k)):
+        print(f"query: {query}")
+        for rank, (doc, score) in enumerate(hits, start=1):
+            print(f"  {rank:>3}  {score:.4f}  {doc}")

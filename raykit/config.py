@@ -166,8 +166,58 @@ class JobConfig:
         return _plain(dataclasses.asdict(self))
 
 
-def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
-    """Load a job YAML (or only defaults when `path` is None) and apply `key=value` overrides."""
+@dataclass(frozen=True)
+class EmbedConfig:
+    dim: int = 0  # 0 = the model's full size; else keep the first `dim` (Matryoshka) and re-normalize
+    dtype: str = "float32"  # float32 | float16 (half the storage; cosine scores differ by ~1e-3)
+    batch_size: int = 128  # documents per forward pass, grouped by length within a shard
+    shard_mb: float = 2.0  # input bytes per output shard: the unit of parallelism, retry and resume
+    concurrency: int = 0  # encoder actors; 0 = one per GPU (num_gpus > 0) or one per CPU core
+    num_gpus: float = 0.0  # per encoder actor; 0 = encode on CPU
+    cpus_per_actor: float = 1.0  # per encoder actor; also its torch threads on CPU
+    precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32 | bf16 | fp32
+
+    def __post_init__(self):
+        _choice("embed.dtype", self.dtype, ("float32", "float16"))
+        _choice("embed.precision", self.precision, ("auto", "bf16", "fp32"))
+        _positive("embed.batch_size", self.batch_size)
+        _positive("embed.shard_mb", self.shard_mb)
+        _positive("embed.cpus_per_actor", self.cpus_per_actor)
+        for name in ("dim", "concurrency", "num_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"embed.{name}: {getattr(self, name)} is negative; use 0 or more")
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """`raykit embed`: one model over one corpus into one output, committed by its manifest."""
+
+    model: str = ""  # a model folder (e.g. runs/x/model), a hub id, or pkg:PACKAGE/DIR
+    # jsonl or parquet files (a file or a folder of them) with id (or _id) and text [and title],
+    # or a BEIR folder (its corpus.jsonl). Local path or s3:// URI.
+    corpus: str = ""
+    output: str = ""  # s3://bucket/prefix or a local folder: part-*.parquet + manifest.json
+    max_seq_length: int = 0  # 0 = the model's own (sentence_bert_config.json), else this
+    new_run: bool = False  # replace a committed output made by another model or corpus
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+    def __post_init__(self):
+        for name, example in (("model", "runs/x/model"), ("corpus", "../shared/data/scifact"), ("output", "s3://bucket/embeddings")):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: not set; pass it in the job or on the command line, e.g. {name}={example}")
+        if self.max_seq_length < 0:
+            raise ConfigError(f"max_seq_length: {self.max_seq_length} is negative; use 0 (the model's own) or more")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def load_job(path: str | Path | None, overrides: list[str] = (), cls=None):
+    """Load a job YAML (or only defaults when `path` is None) and apply `key=value` overrides.
+
+    `cls` is the job type: `JobConfig` (train, the default) or `EmbedJob`.
+    """
+    cls = cls or JobConfig
     where = str(path) if path else "defaults"
     raw: dict[str, Any] = {}
     if path:
@@ -185,7 +235,7 @@ def load_job(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
         _set_path(raw, key.strip().split("."), _parse_value(text))
-    return build(JobConfig, raw, where)
+    return build(cls, raw, where)
 
 
 def build(cls, raw: Any, where: str, prefix: str = ""):

@@ -6,6 +6,7 @@ Saved models are plain sentence-transformers directories (modules.json, 1_Poolin
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -47,7 +48,9 @@ class Encoder(nn.Module):
     @classmethod
     def load(cls, cfg: ModelConfig) -> "Encoder":
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per load, per worker: noise in every log
         path = resolve_model(cfg.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -61,6 +64,39 @@ class Encoder(nn.Module):
             # unused parameter that DDP and ZeRO would wait forever for. Frozen, and saved unchanged.
             model.pooler.requires_grad_(False)
         return cls(model, tokenizer, cfg.pooling, cfg.normalize, cfg.max_seq_length)
+
+    @classmethod
+    def from_pretrained(cls, name: str, max_seq_length: int = 0) -> "Encoder":
+        """Load a saved model with the pooling, normalization and max length its folder declares.
+
+        Reads the sentence-transformers files (modules.json, 1_Pooling/config.json,
+        sentence_bert_config.json) that raykit and sentence-transformers write; a plain Hugging Face
+        model without them gets ModelConfig's defaults (mean pooling, normalized, 256 tokens).
+        """
+        settings = _st_settings(name)
+        if max_seq_length:
+            settings["max_seq_length"] = max_seq_length
+        try:
+            return cls.load(ModelConfig(name=name, **settings))
+        except RaykitError as e:  # outside a train job the model is not at key model.name
+            raise RaykitError(str(e).replace("model.name: ", "model: ", 1)) from None
+
+    def fingerprint(self) -> str:
+        """The identity of what this encoder computes: weights, tokenizer, pooling, normalization, max length.
+
+        Two encoders with the same fingerprint embed every text identically, so stored document
+        embeddings may be searched with queries from either; anything else is a serving mismatch.
+        """
+        h = hashlib.sha256()
+        settings = {"pooling": self.pooling, "normalize": self.normalize, "max_seq_length": self.max_seq_length}
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        vocab = self.tokenizer.backend_tokenizer.to_str() if self.tokenizer.is_fast else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        h.update(hashlib.sha256(vocab.encode()).digest())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return "sha256:" + h.hexdigest()
 
     @property
     def dim(self) -> int:
@@ -125,6 +161,38 @@ class Encoder(nn.Module):
             },
         )
         _write_json(path / "config_sentence_transformers.json", {"similarity_fn_name": "cosine" if self.normalize else "dot"})
+
+
+def _st_settings(name: str) -> dict:
+    """pooling / normalize / max_seq_length from a sentence-transformers folder (or hub repo), if it has them."""
+    def read(file: str):
+        path = Path(resolve_model(name), file)
+        if path.is_file():
+            return json.loads(path.read_text())
+        if Path(resolve_model(name)).is_dir():
+            return None
+        try:  # a hub id: the small config files, from the cache or the hub
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(Path(hf_hub_download(name, file)).read_text())
+        except Exception:  # noqa: BLE001 - absent file, offline, or not a hub id: use defaults
+            return None
+
+    settings = {}
+    modules = read("modules.json")
+    if modules is not None:
+        types = [m.get("type", "") for m in modules]
+        settings["normalize"] = any(t.endswith("Normalize") for t in types)
+        pooling_dir = next((m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")), "1_Pooling")
+        pooling = read(f"{pooling_dir}/config.json") or {}
+        if pooling.get("pooling_mode_cls_token"):
+            settings["pooling"] = "cls"
+        elif pooling and not pooling.get("pooling_mode_mean_tokens"):
+            raise RaykitError(f"{name}: pooling mode {pooling} is not supported; raykit pools by mean or CLS token")
+    st = read("sentence_bert_config.json") or {}
+    if st.get("max_seq_length"):
+        settings["max_seq_length"] = int(st["max_seq_length"])
+    return settings
 
 
 def _write_json(path: Path, obj) -> None:

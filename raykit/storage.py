@@ -38,7 +38,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types here
-        raise RaykitError(f"{path}: cannot open S3 location ({_clean(e)}); check AWS_ENDPOINT_URL and AWS_REGION") from None
+        raise RaykitError(f"{path}: cannot open S3 location ({clean_error(e)}); check AWS_ENDPOINT_URL and AWS_REGION") from None
 
 
 def exists(path: str) -> bool:
@@ -59,7 +59,7 @@ def read_bytes(path: str) -> bytes:
     except FileNotFoundError:
         raise RaykitError(f"{path}: no such file") from None
     except OSError as e:
-        raise RaykitError(f"{path}: cannot read ({_clean(e)}); check the path and your AWS credentials") from None
+        raise RaykitError(f"{path}: cannot read ({clean_error(e)}); check the path and your AWS credentials") from None
 
 
 def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -68,7 +68,7 @@ def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
     except OSError as e:
-        raise RaykitError(f"{path}: cannot list ({_clean(e)})") from None
+        raise RaykitError(f"{path}: cannot list ({clean_error(e)})") from None
     found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes))
     if is_uri(path):
         scheme = str(path).split("://", 1)[0]
@@ -98,10 +98,10 @@ def _info(fs: pafs.FileSystem, p: str, shown: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(p)
     except OSError as e:
-        raise RaykitError(f"{shown}: cannot reach ({_clean(e)}); check AWS_ENDPOINT_URL and credentials") from None
+        raise RaykitError(f"{shown}: cannot reach ({clean_error(e)}); check AWS_ENDPOINT_URL and credentials") from None
 
 
-def _clean(e: Exception) -> str:
+def clean_error(e: Exception) -> str:
     """The first line of a storage error, with anything that looks like a secret removed."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):

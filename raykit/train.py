@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from raykit import storage
+from raykit.cluster import connect_ray, raykit_env
 from raykit.config import JobConfig
 from raykit.data import Beir, load_beir, load_training_set
 from raykit.encoder import Encoder, resolve_model
@@ -224,7 +225,7 @@ def run(job: JobConfig) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
             # RAYKIT_* settings of the submitting shell reach the workers too
-            worker_runtime_env={"env_vars": raykit_env} if (raykit_env := _raykit_env()) else None,
+            worker_runtime_env={"env_vars": env} if (env := raykit_env()) else None,
         ),
         datasets={"train": ray.data.from_arrow(table)},
     )
@@ -265,18 +266,6 @@ def run(job: JobConfig) -> dict:
         print(f"\n[raykit] {job.eval.data} ({job.eval.split})\n" + format_table(before, after))
     print(f"\n[raykit] model: {summary['model']}  ({summary['seconds']}s)")
     return summary
-
-
-def connect_ray() -> None:
-    """Join the cluster when there is one (`ray job submit`, RAY_ADDRESS); else start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-
-
-def _raykit_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("RAYKIT_")}
 
 
 def check_model(job: JobConfig) -> None:

@@ -1,0 +1,345 @@
+"""`raykit embed`: re-embed a whole corpus with Ray Data into object storage, resumable and committed.
+
+The pipeline, one row per shard (see raykit/corpus.py) so that a shard is written whole or not at all:
+
+    plan shards (driver) -> read + tokenize (CPU tasks) -> encode (actor pool, GPUs) -> write Parquet (tasks)
+
+Tokenizing in its own CPU stage keeps the encoder actors busy with forward passes only; inside a
+shard, documents go through in length order so each batch pads to similar lengths. Every shard is
+followed by a small record; when all are written the driver commits manifest.json (see
+raykit/manifest.py). A rerun skips shards whose record matches this model and input, so an
+interrupted job resumes, and a committed one is a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from raykit import __version__, corpus, manifest, storage
+from raykit.cluster import connect_ray, node_count
+from raykit.config import EmbedJob
+from raykit.encoder import Encoder
+from raykit.errors import RaykitError
+
+PROGRESS_EVERY_S = 10.0
+
+
+def run(job: EmbedJob) -> dict:
+    """Embed job.corpus with job.model into job.output; returns the committed manifest."""
+    import ray
+    import ray.data
+
+    output = storage.resolve(job.output)
+    source = storage.resolve(job.corpus)
+
+    # Everything checkable is checked before a worker starts.
+    encoder = Encoder.from_pretrained(job.model, job.max_seq_length)
+    dim = job.embed.dim or encoder.dim
+    if dim > encoder.dim:
+        raise RaykitError(f"embed.dim: {dim} is larger than the model's {encoder.dim} dimensions; use {encoder.dim} or less")
+    fingerprint = encoder.fingerprint()
+    shards = corpus.plan(source, job.embed.shard_mb)
+    identity = {
+        "model": fingerprint,
+        "plan": corpus.plan_fingerprint(shards),
+        "dim": dim,
+        "dtype": job.embed.dtype,
+    }
+    settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length}
+    del encoder
+
+    committed = manifest.read_manifest(output)
+    if committed is not None:
+        if _identity(committed) == identity:
+            print(f"[raykit] {storage.join(output, manifest.MANIFEST)}: already committed ({committed['rows']:,} rows in "
+                  f"{len(committed['shards'])} shards, model {_short(fingerprint)}); nothing to do")
+            return committed
+        if not job.new_run:
+            raise RaykitError(_mismatch(output, committed, identity))
+        print(f"[raykit] new_run=true: retracting the committed embeddings in {output}")
+        manifest.retract(output)
+
+    records = {name: r for name, r in manifest.read_records(output).items() if _record_matches(r, shards, identity)}
+    todo = [s for s in shards if s.name not in records]
+    print(f"[raykit] embed {source} -> {output} | {len(shards)} shards ({len(records)} already written) | "
+          f"model {_short(fingerprint)} | dim {dim} {job.embed.dtype}")
+
+    started = time.time()
+    written = 0
+    if todo:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+        for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
+            # A worker's error reaches the user once, below, not also as Ray Data's stack dump.
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        connect_ray()
+        if node_count() > 1 and not (storage.is_uri(output) and storage.is_uri(source)):
+            raise RaykitError("corpus and output: on a multi-node cluster both must be storage every node reaches (s3://...)")
+        progress = _Progress(todo, started)
+        try:
+            for row in _pipeline(job, todo, output, identity, settings).iter_rows():
+                records[row["name"]] = json.loads(row["record"])
+                written += row["rows"]
+                progress.update(row["name"], written)
+        except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
+            raise _user_error(e) or e
+
+    missing = [s.name for s in shards if s.name not in records]
+    if missing:  # cannot happen unless a record vanished underneath us; never commit a gap
+        raise RaykitError(f"{output}: shards {missing[:5]} have no record; run the job again to write them")
+    seconds = time.time() - started
+    committed = _manifest(job, source, shards, records, identity, settings, started, seconds)
+    manifest.commit(output, committed)
+    rate = written / seconds if seconds else 0.0
+    print(f"[raykit] committed {committed['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
+          f"{seconds:.1f} s | {rate:.1f} docs/s -> {storage.join(output, manifest.MANIFEST)}")
+    return committed
+
+
+def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict):
+    import ray
+    import ray.data
+
+    cfg = job.embed
+    resources = ray.cluster_resources()
+    if cfg.num_gpus:
+        actors = cfg.concurrency or max(1, int(resources.get("GPU", 0) // cfg.num_gpus))
+    else:
+        actors = cfg.concurrency or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor))
+    actors = min(actors, len(todo))
+    # Reading, tokenizing and writing are light next to the forward pass: they take no CPU
+    # reservation (the actors hold the cores) and are capped in number instead.
+    light = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=min(len(todo), max(2, actors)))}
+    fail_at = int(os.environ.get("RAYKIT_FAIL_AT_SHARD", "-1"))  # tests: a crash part-way
+
+    ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map(_read_and_tokenize, fn_kwargs={"model": job.model, "max_seq_length": settings["max_seq_length"]}, **light)
+    ds = ds.map_batches(
+        _EncodeShards,
+        fn_constructor_kwargs={
+            "model": job.model,
+            "max_seq_length": settings["max_seq_length"],
+            "fingerprint": identity["model"],
+            "dim": identity["dim"],
+            "dtype": identity["dtype"],
+            "batch_size": cfg.batch_size,
+            "precision": cfg.precision,
+            "threads": max(1, round(cfg.cpus_per_actor)),
+        },
+        batch_size=1,  # one shard per call; the actor batches its documents itself
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=cfg.num_gpus,
+        num_cpus=cfg.cpus_per_actor,
+    )
+    return ds.map(_write_shard, fn_kwargs={"output": output, "identity": identity, "fail_at": fail_at}, **light)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    from raykit.encoder import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def _read_and_tokenize(row: dict, model: str, max_seq_length: int) -> dict:
+    shard = corpus.Shard(**json.loads(row["shard"]))
+    ids, texts = corpus.read(shard)
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise RaykitError(f"{shard.path}: duplicate id '{dup}' in {shard.name}; ids must be unique")
+    tokenizer = _tokenizer(model)
+    encoded = tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"] if texts else []
+    lengths = np.array([len(t) for t in encoded], dtype=np.int64)
+    tokens = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32, count=int(lengths.sum()))
+    return {
+        "shard": row["shard"],
+        "ids": json.dumps(ids),  # one string: Arrow keeps it as is, whatever the ids look like
+        "tokens": tokens.tobytes(),
+        "lengths": lengths.tobytes(),
+        "content": corpus.content_hash(ids, texts),
+    }
+
+
+class _EncodeShards:
+    """An encoder actor: loads the model once, checks it is the driver's, embeds one shard per call."""
+
+    def __init__(self, model, max_seq_length, fingerprint, dim, dtype, batch_size, precision, threads):
+        import torch
+
+        from raykit.train import use_bf16
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        encoder = Encoder.from_pretrained(model, max_seq_length)
+        mine = encoder.fingerprint()
+        if mine != fingerprint:  # e.g. a hub id that resolved to another revision on this node
+            raise RaykitError(f"model: {model} loaded on this node as {_short(mine)}, on the driver as {_short(fingerprint)}; pin one revision or use a folder on shared storage")
+        self.encoder = encoder.to(self.device).eval()
+        self.bf16 = use_bf16(precision, self.device)
+        self.pad = encoder.tokenizer.pad_token_id or 0
+        self.dim, self.dtype, self.batch_size = dim, np.dtype(dtype), batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        lengths = np.frombuffer(batch["lengths"][0], dtype=np.int64)
+        tokens = np.frombuffer(batch["tokens"][0], dtype=np.int32)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        out = np.empty((len(lengths), self.dim), dtype=np.float32)
+        order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b:b + self.batch_size]
+                width = int(lengths[idx].max())
+                ids = np.full((len(idx), width), self.pad, dtype=np.int64)
+                mask = np.zeros((len(idx), width), dtype=np.int64)
+                for row, i in enumerate(idx):
+                    ids[row, : lengths[i]] = tokens[starts[i]: starts[i] + lengths[i]]
+                    mask[row, : lengths[i]] = 1
+                emb = self.encoder(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)).float()
+                if self.dim < emb.shape[1]:  # Matryoshka: keep the prefix, re-normalize if the model normalizes
+                    emb = emb[:, : self.dim]
+                    emb = F.normalize(emb, dim=-1) if self.encoder.normalize else emb
+                out[idx] = emb.cpu().numpy()
+        return {
+            "shard": batch["shard"],
+            "ids": batch["ids"],
+            "content": batch["content"],
+            "embedding": [out.astype(self.dtype).tobytes()],
+        }
+
+
+def _write_shard(row: dict, output: str, identity: dict, fail_at: int) -> dict:
+    shard = corpus.Shard(**json.loads(row["shard"]))
+    ids = json.loads(row["ids"])
+    emb = np.frombuffer(row["embedding"], dtype=np.dtype(identity["dtype"])).reshape(len(ids), identity["dim"])
+    if shard.index == fail_at:
+        raise RuntimeError(f"RAYKIT_FAIL_AT_SHARD={fail_at}: injected failure before writing {shard.name}")
+    data = manifest.shard_bytes(ids, emb)
+    manifest.put(storage.join(output, shard.name + ".parquet"), data)
+    record = {
+        "name": shard.name,
+        "path": shard.name + ".parquet",
+        "rows": len(ids),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "content": row["content"],
+        "source": shard.source(),
+        **{k: identity[k] for k in ("model", "dim", "dtype")},
+    }
+    manifest.write_record(output, record)  # after the shard: a record means the shard is whole
+    return {"name": shard.name, "rows": len(ids), "record": json.dumps(record)}
+
+
+def _record_matches(record: dict, shards: list[corpus.Shard], identity: dict) -> bool:
+    by_name = {s.name: s for s in shards}
+    shard = by_name.get(record.get("name"))
+    return (
+        shard is not None
+        and record.get("source") == shard.source()
+        and all(record.get(k) == identity[k] for k in ("model", "dim", "dtype"))
+    )
+
+
+def _manifest(job, source, shards, records, identity, settings, started, seconds) -> dict:
+    ordered = [records[s.name] for s in shards]
+    return {
+        "format": manifest.FORMAT,
+        "raykit_version": __version__,
+        "model": {"name": job.model, "fingerprint": identity["model"], **settings},
+        "embedding": {"dim": identity["dim"], "dtype": identity["dtype"], "normalized": settings["normalize"],
+                      "id_column": "id", "column": "embedding"},
+        "corpus": {"source": source, "fingerprint": _corpus_fingerprint(ordered), "plan": identity["plan"],
+                   "files": len({s.path for s in shards}), "shard_mb": job.embed.shard_mb},
+        "rows": sum(r["rows"] for r in ordered),
+        "shards": [{k: r[k] for k in ("path", "rows", "bytes", "sha256")} for r in ordered],
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def _corpus_fingerprint(records: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(bytes.fromhex(r["content"]))
+    return "sha256:" + h.hexdigest()
+
+
+def _identity(committed: dict) -> dict:
+    return {
+        "model": committed["model"]["fingerprint"],
+        "plan": committed["corpus"]["plan"],
+        "dim": committed["embedding"]["dim"],
+        "dtype": committed["embedding"]["dtype"],
+    }
+
+
+def _mismatch(output: str, committed: dict, identity: dict) -> str:
+    old = _identity(committed)
+    what = []
+    if old["model"] != identity["model"]:
+        what.append(f"model {_short(old['model'])} ({committed['model']['name']}), this job's is {_short(identity['model'])}")
+    if old["plan"] != identity["plan"]:
+        what.append("another corpus (or the same files changed, or another embed.shard_mb)")
+    if (old["dim"], old["dtype"]) != (identity["dim"], identity["dtype"]):
+        what.append(f"dim {old['dim']} {old['dtype']}, this job asks {identity['dim']} {identity['dtype']}")
+    return (f"{storage.join(output, manifest.MANIFEST)}: already committed with {'; '.join(what)}. "
+            "Write to another output, or pass new_run=true to replace it")
+
+
+class _Progress:
+    """One line every PROGRESS_EVERY_S seconds and at the end: shards, docs, docs/s, ETA (by input bytes)."""
+
+    def __init__(self, todo: list[corpus.Shard], started: float):
+        self.size = {s.name: s.end - s.start for s in todo}  # jsonl: bytes; parquet: row groups
+        self.total = sum(self.size.values()) or 1
+        self.done: set[str] = set()
+        self.started, self.last = started, 0.0
+
+    def update(self, name: str, written: int) -> None:
+        self.done.add(name)
+        now = time.time()
+        finished = len(self.done) == len(self.size)
+        if not finished and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        fraction = sum(self.size[n] for n in self.done) / self.total
+        eta = elapsed * (1 - fraction) / fraction
+        sys.stdout.write(
+            f"[raykit] embed {len(self.done)}/{len(self.size)} shards | {written:,} docs | "
+            f"{written / elapsed:.1f} docs/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s\n"
+        )
+        sys.stdout.flush()
+
+
+def _user_error(e: BaseException) -> RaykitError | None:
+    """The RaykitError a worker raised, from the exception Ray hands the driver.
+
+    Ray Data re-raises a worker's exception as RayTaskError(UserCodeException) without the original
+    as a cause; its text keeps the remote traceback, whose `raykit.errors.X: message` line is ours.
+    """
+    if isinstance(e, RaykitError):
+        return e
+    found = re.findall(r"^raykit\.errors\.\w+: (.+)$", str(e), flags=re.MULTILINE)
+    return RaykitError(found[-1]) if found else None
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[: len("sha256:") + 16]

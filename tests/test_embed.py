@@ -1,0 +1,172 @@
+"""`raykit embed` and `raykit search` on a local Ray and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raykit import manifest, search
+from raykit.cli import main
+from raykit.config import EmbedJob, load_job
+from raykit.data import load_beir
+from raykit.embed import run
+from raykit.encoder import Encoder
+from raykit.errors import RaykitError
+from raykit.evaluate import evaluate
+
+from conftest import QUICKSTART, REPO, S3_ENV
+
+MAX_LEN = 48
+SHARD_MB = 0.01  # data/quickstart's corpus.jsonl (~40 kB) in 4 shards
+
+
+def job(model: str, output: str, *extra: str) -> EmbedJob:
+    return load_job(None, [f"model={model}", f"corpus={QUICKSTART}", f"output={output}", f"max_seq_length={MAX_LEN}",
+                           f"embed.shard_mb={SHARD_MB}", "embed.concurrency=2", *extra], EmbedJob)
+
+
+@pytest.fixture(scope="module")
+def other_model(tiny_model, tmp_path_factory) -> str:
+    """The tiny BERT with one weight nudged: a different model that looks the same from outside."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = tmp_path_factory.mktemp("other-bert")
+    model = BertModel.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.bias.add_(1e-3)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return str(path)
+
+
+def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_cluster, s3_server, tiny_model, capsys):
+    bucket = s3_server()
+    output = f"s3://{bucket}/emb/v1"
+    committed = run(job(tiny_model, output))
+    out = capsys.readouterr().out
+
+    # The manifest: every shard with its rows and the sha256 of the object as stored.
+    client = s3_server.client
+    stored = json.loads(client.get_object(Bucket=bucket, Key="emb/v1/manifest.json")["Body"].read())
+    assert stored == committed and stored["rows"] == 240 and len(stored["shards"]) == 4
+    for shard in stored["shards"]:
+        body = client.get_object(Bucket=bucket, Key=f"emb/v1/{shard['path']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == shard["sha256"] and len(body) == shard["bytes"]
+    encoder = Encoder.from_pretrained(tiny_model, MAX_LEN)
+    assert stored["model"]["fingerprint"] == encoder.fingerprint()
+    assert stored["embedding"] == {"dim": 32, "dtype": "float32", "normalized": True, "id_column": "id", "column": "embedding"}
+    assert "[raykit] embed 4/4 shards" in out and "committed 240 rows in 4 shards" in out
+    for secret in S3_ENV.values():  # no credential in what we print or store
+        assert secret not in out or secret == "us-east-1"
+        assert secret not in json.dumps(stored) or secret == "us-east-1"
+
+    # Scoring a BEIR split against the stored embeddings = scoring it in memory.
+    beir = load_beir(str(QUICKSTART), "test")
+    in_memory = evaluate(encoder, beir)[32]
+    from_store = search.evaluate_stored(output, tiny_model, beir)
+    assert from_store == pytest.approx(in_memory, abs=1e-6)
+
+    # A rerun of a committed job is a no-op: nothing rewritten.
+    before = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert run(job(tiny_model, output)) == committed
+    assert "already committed" in capsys.readouterr().out
+    after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert after == before
+
+
+def test_matryoshka_dim_and_float16_match_the_model_truncated(ray_cluster, tiny_model, tmp_path):
+    committed = run(job(tiny_model, str(tmp_path / "out"), "embed.dim=16", "embed.dtype=float16"))
+    assert committed["embedding"]["dim"] == 16 and committed["embedding"]["dtype"] == "float16"
+    table = pq.read_table(tmp_path / "out" / committed["shards"][0]["path"])
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[16]"
+    ids = table["id"].to_pylist()
+    stored = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    beir = load_beir(str(QUICKSTART), "test")
+    expected = Encoder.from_pretrained(tiny_model, MAX_LEN).encode([beir.corpus[i] for i in ids])
+    expected = F.normalize(expected[:, :16], dim=-1).numpy()
+    np.testing.assert_allclose(stored, expected, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=2e-3)
+
+
+def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("RAYKIT_FAIL_AT_SHARD", "2")
+    with pytest.raises(Exception, match="injected failure"):
+        run(job(tiny_model, str(out)))
+    assert not (out / "manifest.json").exists()  # nothing committed: readers see nothing
+    with pytest.raises(RaykitError, match="holds no committed embeddings"):
+        search.search(str(out), tiny_model, ["pump"])
+    records = {p.name: p.stat().st_mtime_ns for p in (out / "_shards").glob("*.json")}
+    assert "part-000002.json" not in records
+
+    monkeypatch.delenv("RAYKIT_FAIL_AT_SHARD")
+    capsys.readouterr()
+    committed = run(job(tiny_model, str(out)))
+    text = capsys.readouterr().out
+    assert f"({len(records)} already written)" in text and f"({4 - len(records)} written now)" in text
+    assert committed["rows"] == 240
+    for name, mtime in records.items():  # the first run's shards were kept, not redone
+        assert (out / "_shards" / name).stat().st_mtime_ns == mtime
+
+
+def test_another_model_is_refused_unless_a_new_run_is_asked(ray_cluster, tiny_model, other_model, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    first = run(job(tiny_model, out))
+    with pytest.raises(RaykitError, match=r"already committed with model sha256:[0-9a-f]{16} .*new_run=true"):
+        run(job(other_model, out))
+    assert manifest.read_manifest(out) == first  # untouched
+
+    # Searching with the other model: one error naming both fingerprints.
+    theirs = first["model"]["fingerprint"][:23]
+    mine = Encoder.from_pretrained(other_model, MAX_LEN).fingerprint()[:23]
+    assert main(["search", out, "--model", other_model, "pump"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raykit: error: serving mismatch") and theirs in err and mine in err and err.count("\n") == 1
+
+    second = run(job(other_model, out, "new_run=true"))
+    assert second["model"]["fingerprint"] != first["model"]["fingerprint"]
+    hits = search.search(out, other_model, ["pump"], k=3)[0]
+    assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
+
+
+def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    committed = run(job(tiny_model, str(out)))
+    with pytest.raises(RaykitError, match="another job committed"):
+        manifest.commit(str(out), committed)
+    shard = out / committed["shards"][1]["path"]
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(RaykitError, match="sha256 .* is not the manifest's"):
+        search.search(str(out), tiny_model, ["pump"])
+
+
+def test_s3_commit_is_conditional(s3_server):
+    bucket = s3_server()
+    manifest.commit(f"s3://{bucket}/x", {"format": manifest.FORMAT})
+    with pytest.raises(RaykitError, match="another job committed"):
+        manifest.commit(f"s3://{bucket}/x", {"format": manifest.FORMAT, "other": 1})
+
+
+def test_bad_corpus_is_one_line_and_nothing_is_committed(ray_cluster, tiny_model, tmp_path, capsys):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "fine"}) + "\n" + json.dumps({"id": "b"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", f"corpus={corpus}", f"output={out}",
+            f"max_seq_length={MAX_LEN}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"raykit: error: {corpus}:2: 'text' is missing or not a string; every line needs id and text\n"
+    assert not (out / "manifest.json").exists()
+
+    assert main(["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"output={out}"]) == 2
+    assert "model: not set" in capsys.readouterr().err
+    assert main(["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", "embed.dim=999", f"output={out}"]) == 2
+    assert "embed.dim: 999 is larger than the model's 32" in capsys.readouterr().err
