@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test bench-train bench-quality clean
+.PHONY: install quickstart test bench-train bench-quality bench-embed clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-train: install
 
 bench-quality: install
 	$(PY) bench/scifact_quality.py
+
+bench-embed: install
+	$(PY) bench/embed_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache

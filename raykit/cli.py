@@ -1,4 +1,4 @@
-"""`raykit train|embed|search ...` (and `python -m raykit`)."""
+"""`raykit train|embed|search|mine|score|plan ...` (and `python -m raykit`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,19 @@ def main(argv: list[str] | None = None) -> int:
     embed = sub.add_parser("embed", help="embed a corpus into Parquet shards + manifest (local or s3://)")
     embed.add_argument("job", help="embed job YAML, e.g. jobs/reembed_scifact.yaml")
     embed.add_argument("overrides", nargs="*", help="key=value, e.g. model=runs/x/model output=s3://bucket/emb")
+
+    mine = sub.add_parser("mine", help="mine hard negatives for a train job (writes triplets)")
+    mine.add_argument("job", help="train job YAML with a mine: section, e.g. jobs/lora_hardneg_mnr.yaml")
+    mine.add_argument("overrides", nargs="*", help="key=value, e.g. mine.top_k=100 mine.output=s3://bucket/triplets.jsonl")
+
+    score = sub.add_parser("score", help="add a teacher's scores to a train job's triplets (for distillation)")
+    score.add_argument("job", help="train job YAML with a teacher: section, e.g. jobs/full_matryoshka_distill.yaml")
+    score.add_argument("overrides", nargs="*", help="key=value, e.g. teacher.model=cross-encoder/ms-marco-MiniLM-L-6-v2")
+
+    plan = sub.add_parser("plan", help="recommend a strategy for your constraints and write a starting job")
+    from raykit.plan import add_arguments
+
+    add_arguments(plan)
 
     search = sub.add_parser("search", help="top-k documents for queries from stored embeddings")
     search.add_argument("output", help="what `raykit embed` wrote (folder or s3:// prefix with manifest.json)")
@@ -46,6 +59,25 @@ def main(argv: list[str] | None = None) -> int:
             from raykit.embed import run
 
             run(load_job(args.job, args.overrides, EmbedJob))
+        elif args.command == "mine":
+            from raykit.config import load_job
+            from raykit.mine import run
+
+            run(load_job(args.job, args.overrides))
+        elif args.command == "score":
+            import dataclasses
+
+            from raykit.config import load_job
+            from raykit.mine import run as mine
+            from raykit.score import run
+
+            job = load_job(args.job, args.overrides)
+            triplets = mine(job) if job.mine.enabled else job.data.train
+            run(dataclasses.replace(job, data=dataclasses.replace(job.data, train=triplets)), triplets)
+        elif args.command == "plan":
+            from raykit.plan import main as plan_main
+
+            plan_main(args)
         elif args.command == "search":
             _search(args)
         return 0

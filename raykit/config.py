@@ -41,17 +41,115 @@ class DataConfig:
     train: str = ""
     split: str = "train"  # qrels split used for training when `train` is a BEIR folder
     max_examples: int = 0  # 0 = all; otherwise the first N (after a seeded shuffle)
+    num_negatives: int = 0  # hard negatives per query to train on (from `negatives`); 0 = all the data has
+
+    def __post_init__(self):
+        if self.num_negatives < 0 or self.max_examples < 0:
+            raise ConfigError("data.num_negatives and data.max_examples: use 0 (all) or more")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "mnr"  # multiple-negatives ranking (in-batch negatives)
-    scale: float = 20.0  # = 1/temperature; 20 means 0.05
-    gather: bool = True  # use every worker's candidates as negatives (global batch)
+    # mnr: in-batch negatives (+ hard negatives if the data has them) | margin_mse | kl: distillation
+    # from teacher scores (the data's positive_score/negative_scores, or `teacher:` computes them)
+    name: str = "mnr"
+    scale: float = 20.0  # = 1/temperature; 20 means 0.05. Distillation: student score = scale * cosine
+    gather: bool = True  # mnr: use every worker's candidates as negatives (global batch)
+    temperature: float = 1.0  # kl: the teacher's logits are divided by this
+    # Matryoshka: the loss summed over these prefixes (ascending, the last = the model's size),
+    # e.g. [64, 128, 256, 384]; () = the full embedding only
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()  # one per dim; () = 1 each
 
     def __post_init__(self):
-        _choice("loss.name", self.name, ("mnr",))
+        _choice("loss.name", self.name, ("mnr", "margin_mse", "kl"))
         _positive("loss.scale", self.scale)
+        _positive("loss.temperature", self.temperature)
+        dims = list(self.matryoshka_dims)
+        if any(d <= 0 for d in dims) or dims != sorted(set(dims)):
+            raise ConfigError(f"loss.matryoshka_dims: {dims} must be positive and ascending, e.g. [64, 128, 256, 384]")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(dims):
+            raise ConfigError(
+                f"loss.matryoshka_weights: {len(self.matryoshka_weights)} weights for {len(dims)} dims; give one per dim or none"
+            )
+
+    @property
+    def distill(self) -> bool:
+        return self.name in ("margin_mse", "kl")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    dim: int = 0  # 0 = the model's full size; else keep the first `dim` (Matryoshka) and re-normalize
+    dtype: str = "float32"  # float32 | float16 (half the storage; cosine scores differ by ~1e-3)
+    batch_size: int = 256  # most documents per forward pass (batches are grouped by length)
+    batch_tokens: int = 0  # most padded tokens per forward pass; 0 = 4096 on CPU (cache-sized), 65536 on GPU
+    shard_mb: float = 2.0  # input bytes per output shard: the unit of parallelism, retry and resume
+    concurrency: int = 0  # encoder actors; 0 = one per GPU (num_gpus > 0) or one per CPU core
+    num_gpus: float = 0.0  # per encoder actor; 0 = encode on CPU
+    cpus_per_actor: float = 1.0  # per encoder actor; also its torch threads on CPU
+    # auto = bf16 where it is fast (GPUs with bf16, CPUs with AMX), else fp32 | bf16 | fp32.
+    # bf16 embeddings match fp32 to cosine > 0.9999; the manifest records what ran.
+    precision: str = "auto"
+
+    def __post_init__(self):
+        _choice("embed.dtype", self.dtype, ("float32", "float16"))
+        _choice("embed.precision", self.precision, ("auto", "bf16", "fp32"))
+        _positive("embed.batch_size", self.batch_size)
+        _positive("embed.shard_mb", self.shard_mb)
+        _positive("embed.cpus_per_actor", self.cpus_per_actor)
+        for name in ("dim", "concurrency", "num_gpus", "batch_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"embed.{name}: {getattr(self, name)} is negative; use 0 or more")
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """Hard-negative mining (`raykit mine`, or before training when `enabled`)."""
+
+    enabled: bool = False  # raykit train mines first (into output_dir/mined) and trains on the triplets
+    model: str = ""  # the retriever that mines; "" = model.name (the model about to be fine-tuned)
+    top_k: int = 50  # candidates retrieved per query
+    range_min: int = 10  # skip this many top candidates (after removing positives): likely unlabeled positives
+    margin: float = 0.0  # > 0: also drop candidates scoring above (positive's score - margin)
+    num_negatives: int = 1  # negatives kept per (query, positive)
+    sampling: str = "random"  # random among the remaining candidates | top: the highest-ranked ones
+    output: str = ""  # .jsonl or .parquet, local or s3://; "" = <output_dir>/mined/triplets.jsonl
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # how the corpus is embedded
+
+    def __post_init__(self):
+        _positive("mine.top_k", self.top_k)
+        _positive("mine.num_negatives", self.num_negatives)
+        _choice("mine.sampling", self.sampling, ("random", "top"))
+        if self.range_min < 0 or self.margin < 0:
+            raise ConfigError("mine.range_min and mine.margin: use 0 or more")
+        if self.range_min + self.num_negatives > self.top_k:
+            raise ConfigError(
+                f"mine.top_k: {self.top_k} leaves no room for range_min {self.range_min} + num_negatives "
+                f"{self.num_negatives}; raise mine.top_k"
+            )
+        if self.output and not self.output.endswith((".jsonl", ".parquet")):
+            raise ConfigError(f"mine.output: {self.output} must end in .jsonl or .parquet")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher whose scores distillation learns from (`raykit score`, or before training)."""
+
+    model: str = ""  # a cross-encoder (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2) or a bi-encoder folder
+    kind: str = "cross_encoder"  # cross_encoder: a sequence-classification logit | bi_encoder: scale * cosine
+    max_seq_length: int = 512  # cross-encoders read query and document together
+    batch_size: int = 32
+    concurrency: int = 0  # scoring actors; 0 = one per GPU or per CPU core
+    num_gpus: float = 0.0
+    output: str = ""  # .jsonl or .parquet; "" = <output_dir>/scored/triplets.jsonl
+
+    def __post_init__(self):
+        _choice("teacher.kind", self.kind, ("cross_encoder", "bi_encoder"))
+        _positive("teacher.max_seq_length", self.max_seq_length)
+        _positive("teacher.batch_size", self.batch_size)
+        if self.output and not self.output.endswith((".jsonl", ".parquet")):
+            raise ConfigError(f"teacher.output: {self.output} must end in .jsonl or .parquet")
 
 
 @dataclass(frozen=True)
@@ -100,6 +198,9 @@ class TrainConfig:
     log_every: int = 10  # steps between progress lines and metric reports
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     eval_every: int = 0  # steps between evaluations; 0 = before and after only
+    # L2-SP: + l2sp * sum ||w - w0||^2 over the trained weights, pulling them toward where they
+    # started (the base model): less forgetting out of domain. 0 = off; ZeRO stages 0-2.
+    l2sp: float = 0.0
 
     def __post_init__(self):
         _choice("train.strategy", self.strategy, ("lora", "full"))
@@ -112,6 +213,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: {getattr(self, name)} is negative; use 0 or more")
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("train.epochs and train.max_steps are both 0; set one of them above 0")
+        if self.l2sp < 0:
+            raise ConfigError(f"train.l2sp: {self.l2sp} is negative; use 0 (off) or e.g. 0.01")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is outside [0, 1); use e.g. 0.1")
 
@@ -123,9 +226,18 @@ class EvalConfig:
     dims: tuple[int, ...] = ()  # embedding sizes to score (prefix truncation); () = the model's own
     batch_size: int = 64
     before: bool = True  # also score the base model, for the before/after table
+    # Forgetting guard: an out-of-domain BEIR set scored before and after (e.g. Cranfield next to
+    # SciFact); the report flags an nDCG@10 drop larger than max_ood_drop.
+    ood_data: str = ""
+    ood_split: str = "test"
+    max_ood_drop: float = 0.01
+    # Truncation cliff: flag a dim whose nDCG@10 is more than this fraction below the next larger dim's
+    cliff: float = 0.10
 
     def __post_init__(self):
         _positive("eval.batch_size", self.batch_size)
+        if not 0 <= self.cliff < 1 or self.max_ood_drop < 0:
+            raise ConfigError("eval.cliff must be in [0, 1) and eval.max_ood_drop 0 or more")
         if any(d <= 0 for d in self.dims) or list(self.dims) != sorted(set(self.dims)):
             raise ConfigError(f"eval.dims: {list(self.dims)} must be positive and ascending, e.g. [64, 128, 384]")
 
@@ -155,6 +267,8 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -162,30 +276,17 @@ class JobConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self):
+        if self.train.l2sp and self.train.strategy == "full" and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "train.l2sp: needs every weight on every worker, which ZeRO-3 shards away; "
+                "use deepspeed.zero_stage=2 (or 0-1) with l2sp, or train.l2sp=0"
+            )
+        if self.loss.distill and not (self.teacher.model or self.data.train):
+            raise ConfigError(f"loss.name={self.loss.name}: needs teacher scores; set teacher.model or give data with scores")
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    dim: int = 0  # 0 = the model's full size; else keep the first `dim` (Matryoshka) and re-normalize
-    dtype: str = "float32"  # float32 | float16 (half the storage; cosine scores differ by ~1e-3)
-    batch_size: int = 128  # documents per forward pass, grouped by length within a shard
-    shard_mb: float = 2.0  # input bytes per output shard: the unit of parallelism, retry and resume
-    concurrency: int = 0  # encoder actors; 0 = one per GPU (num_gpus > 0) or one per CPU core
-    num_gpus: float = 0.0  # per encoder actor; 0 = encode on CPU
-    cpus_per_actor: float = 1.0  # per encoder actor; also its torch threads on CPU
-    precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32 | bf16 | fp32
-
-    def __post_init__(self):
-        _choice("embed.dtype", self.dtype, ("float32", "float16"))
-        _choice("embed.precision", self.precision, ("auto", "bf16", "fp32"))
-        _positive("embed.batch_size", self.batch_size)
-        _positive("embed.shard_mb", self.shard_mb)
-        _positive("embed.cpus_per_actor", self.cpus_per_actor)
-        for name in ("dim", "concurrency", "num_gpus"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"embed.{name}: {getattr(self, name)} is negative; use 0 or more")
 
 
 @dataclass(frozen=True)

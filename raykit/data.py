@@ -1,4 +1,4 @@
-"""Datasets: BEIR folders and query/positive[/negative] files, local or s3://, validated up front.
+"""Datasets: BEIR folders and query/positive[/negatives] files, local or s3://, validated up front.
 
 Everything is checked on the driver before a worker starts: a bad line costs seconds, not a cluster
 allocation. Errors name the file and the offending line or id. The validated training set becomes a
@@ -57,15 +57,16 @@ def load_beir(path: str, split: str) -> Beir:
 def load_training_set(cfg: DataConfig, seed: int) -> pa.Table:
     """The training examples as an Arrow table, shuffled once with `seed`.
 
-    Columns: query, positive[, negative] (text) and query_id, positive_id[, negative_id] (int64 hashes
-    of the source ids, or of the texts for plain pair files). The loss uses the ids to avoid treating
-    a second copy of a query's own positive as a negative.
+    Columns: query, positive, negative_0..k-1 (text); query_id, positive_id, negative_id_j (int64 hashes
+    of the source ids, or of the texts for plain pair files: the loss uses them to avoid treating a
+    second copy of a query's own positive as a negative); and with teacher scores positive_score,
+    negative_score_j (float32).
     """
     if not cfg.train:
         raise DataError("data.train: not set; point it at a BEIR folder or a .jsonl/.parquet file (data.train=PATH)")
     if not storage.exists(cfg.train):
         raise DataError(f"data.train: {cfg.train}: no such file or folder")
-    table = _beir_pairs(cfg.train, cfg.split) if is_beir(cfg.train) else _pair_files(cfg.train)
+    table = _beir_pairs(cfg.train, cfg.split) if is_beir(cfg.train) else _pair_files(cfg.train, cfg.num_negatives)
     rng = np.random.default_rng(seed)
     table = table.take(rng.permutation(table.num_rows))
     if cfg.max_examples:
@@ -92,45 +93,95 @@ def _beir_pairs(path: str, split: str) -> pa.Table:
     )
 
 
-def _pair_files(path: str) -> pa.Table:
+def _pair_files(path: str, num_negatives: int) -> pa.Table:
     files = storage.list_files(path, (".jsonl", ".parquet")) if storage.is_dir(path) else [path]
     if not files:
         raise DataError(f"data.train: {path}: no .jsonl or .parquet files in this folder")
-    tables = [_read_pair_file(f) for f in files]
-    has_neg = {NEGATIVE_COLUMN in t.column_names for t in tables}
-    if len(has_neg) > 1:
-        raise DataError(f"data.train: {path}: some files have a '{NEGATIVE_COLUMN}' column and some don't; make them agree")
-    table = pa.concat_tables(tables)
-    table = table.append_column("query_id", pa.array(text_id(table["query"].to_pylist())))
-    table = table.append_column("positive_id", pa.array(text_id(table["positive"].to_pylist())))
-    if NEGATIVE_COLUMN in table.column_names:
-        table = table.append_column("negative_id", pa.array(text_id(table["negative"].to_pylist())))
-    return table
+    rows = [row for f in files for row in read_pair_file(f)]
+    counts = {len(r["negatives"]) for r, _ in rows}
+    k = num_negatives or min(counts)
+    if not num_negatives and len(counts) > 1:
+        raise DataError(
+            f"data.train: {path}: rows have {min(counts)} to {max(counts)} negatives; "
+            f"set data.num_negatives=N to train on the first N of each"
+        )
+    short = next(((r, where) for r, where in rows if len(r["negatives"]) < k), None)
+    if short:
+        raise DataError(f"{short[1]}: {len(short[0]['negatives'])} negatives, data.num_negatives asks {k}")
+    scored = {("positive_score" in r) for r, _ in rows}
+    if len(scored) > 1:
+        where = next(w for r, w in rows if "positive_score" not in r)
+        raise DataError(f"data.train: {path}: some rows have teacher scores and some don't (e.g. {where}); make them agree")
+    columns = {
+        "query": [r["query"] for r, _ in rows],
+        "positive": [r["positive"] for r, _ in rows],
+        "query_id": text_id([r["query"] for r, _ in rows]),
+        "positive_id": text_id([r["positive"] for r, _ in rows]),
+    }
+    for j in range(k):  # one column per negative: plain arrays for Ray Data's numpy batches
+        columns[f"negative_{j}"] = [r["negatives"][j] for r, _ in rows]
+        columns[f"negative_id_{j}"] = text_id(columns[f"negative_{j}"])
+    if True in scored:
+        columns["positive_score"] = np.array([r["positive_score"] for r, _ in rows], dtype=np.float32)
+        for j in range(k):
+            columns[f"negative_score_{j}"] = np.array([r["negative_scores"][j] for r, _ in rows], dtype=np.float32)
+    return pa.table(columns)
 
 
-def _read_pair_file(path: str) -> pa.Table:
+def negative_count(columns) -> int:
+    """How many hard negatives per row a training table (or batch) carries."""
+    return sum(1 for c in columns if c.startswith("negative_") and c[len("negative_"):].isdigit())
+
+
+def read_pair_file(path: str) -> list[tuple[dict, str]]:
+    """Validated rows as {query, positive, negatives: [...][, positive_score, negative_scores]}, with where each is."""
     if path.endswith(".parquet"):
         try:
             table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
         except pa.ArrowInvalid as e:
             raise DataError(f"{path}: not a valid Parquet file ({e})") from None
-        rows = table.to_pylist()
-        where = "row"
+        records = [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist(), start=1)]
     elif path.endswith(".jsonl"):
-        rows = [rec for _, rec in _read_jsonl(path)]
-        where = "line"
+        records = [(f"{path}:line {n}", rec) for n, rec in _read_jsonl(path)]
     else:
         raise DataError(f"{path}: unknown format; use .jsonl or .parquet")
-    if not rows:
+    if not records:
         raise DataError(f"{path}: empty file; it needs rows with {', '.join(PAIR_COLUMNS)}")
-    columns = [*PAIR_COLUMNS, *([NEGATIVE_COLUMN] if NEGATIVE_COLUMN in rows[0] else [])]
-    for i, row in enumerate(rows, start=1):
-        for col in columns:
-            value = row.get(col)
-            if not isinstance(value, str) or not value.strip():
-                problem = "missing" if value is None else f"not a non-empty string ({value!r:.40})"
-                raise DataError(f"{path}:{where} {i}: column '{col}' is {problem}; every row needs {', '.join(columns)}")
-    return pa.table({col: [row[col] for row in rows] for col in columns})
+    return [(_pair_row(rec, where), where) for where, rec in records]
+
+
+def _pair_row(rec: dict, where: str) -> dict:
+    row = {}
+    for col in PAIR_COLUMNS:
+        row[col] = _text(rec.get(col), col, where)
+    negatives = rec.get("negatives")
+    if negatives is None:
+        negatives = [] if rec.get(NEGATIVE_COLUMN) is None else [rec[NEGATIVE_COLUMN]]
+    if not isinstance(negatives, list):
+        raise DataError(f"{where}: column 'negatives' must be a list of strings, got {type(negatives).__name__}")
+    row["negatives"] = [_text(n, "negatives", where) for n in negatives]
+    if rec.get("positive_score") is not None:
+        scores = rec.get("negative_scores")
+        if scores is None:
+            scores = [] if rec.get("negative_score") is None else [rec["negative_score"]]
+        if not isinstance(scores, list) or len(scores) != len(negatives):
+            raise DataError(f"{where}: 'negative_scores' must give one score per negative ({len(negatives)})")
+        row["positive_score"] = _number(rec["positive_score"], "positive_score", where)
+        row["negative_scores"] = [_number(x, "negative_scores", where) for x in scores]
+    return row
+
+
+def _text(value, col: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        problem = "missing" if value is None else f"not a non-empty string ({value!r:.40})"
+        raise DataError(f"{where}: column '{col}' is {problem}; every row needs {', '.join(PAIR_COLUMNS)}")
+    return value
+
+
+def _number(value, col: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise DataError(f"{where}: '{col}' must be a number, got {value!r:.40}")
+    return float(value)
 
 
 def _read_jsonl(path: str):

@@ -13,12 +13,10 @@ interrupted job resumes, and a committed one is a no-op.
 
 from __future__ import annotations
 
-import functools
+import ctypes
 import hashlib
 import json
-import logging
 import os
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,7 +24,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from raykit import __version__, corpus, manifest, storage
-from raykit.cluster import connect_ray, node_count
+from raykit.cluster import connect_ray, node_count, quiet_ray_data, user_error
 from raykit.config import EmbedJob
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
@@ -54,6 +52,7 @@ def run(job: EmbedJob) -> dict:
         "plan": corpus.plan_fingerprint(shards),
         "dim": dim,
         "dtype": job.embed.dtype,
+        "precision": job.embed.precision,
     }
     settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length}
     del encoder
@@ -77,13 +76,8 @@ def run(job: EmbedJob) -> dict:
     started = time.time()
     written = 0
     if todo:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-        for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
-            # A worker's error reaches the user once, below, not also as Ray Data's stack dump.
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        connect_ray()
+        quiet_ray_data()
+        connect_ray(dashboard=False)
         if node_count() > 1 and not (storage.is_uri(output) and storage.is_uri(source)):
             raise RaykitError("corpus and output: on a multi-node cluster both must be storage every node reaches (s3://...)")
         progress = _Progress(todo, started)
@@ -93,7 +87,7 @@ def run(job: EmbedJob) -> dict:
                 written += row["rows"]
                 progress.update(row["name"], written)
         except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
-            raise _user_error(e) or e
+            raise user_error(e) or e
 
     missing = [s.name for s in shards if s.name not in records]
     if missing:  # cannot happen unless a record vanished underneath us; never commit a gap
@@ -118,13 +112,16 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
     else:
         actors = cfg.concurrency or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor))
     actors = min(actors, len(todo))
-    # Reading, tokenizing and writing are light next to the forward pass: they take no CPU
-    # reservation (the actors hold the cores) and are capped in number instead.
-    light = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=min(len(todo), max(2, actors)))}
-    fail_at = int(os.environ.get("RAYKIT_FAIL_AT_SHARD", "-1"))  # tests: a crash part-way
+    # Reading + tokenizing and writing are light next to the forward pass: small actor pools that
+    # take no CPU reservation (the encoders hold the cores) and grow with the encoders, not with the
+    # corpus. Long-lived actors, not tasks: a fixed set of processes, so memory stays flat.
+    def light(cls, **kwargs):
+        return {"fn": cls, "fn_constructor_kwargs": kwargs, "batch_size": 1, "num_cpus": 0,
+                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors))}
 
+    fail_at = int(os.environ.get("RAYKIT_FAIL_AT_SHARD", "-1"))  # tests: a crash part-way
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map(_read_and_tokenize, fn_kwargs={"model": job.model, "max_seq_length": settings["max_seq_length"]}, **light)
+    ds = ds.map_batches(**light(_TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"]))
     ds = ds.map_batches(
         _EncodeShards,
         fn_constructor_kwargs={
@@ -134,6 +131,7 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
             "dim": identity["dim"],
             "dtype": identity["dtype"],
             "batch_size": cfg.batch_size,
+            "batch_tokens": cfg.batch_tokens,
             "precision": cfg.precision,
             "threads": max(1, round(cfg.cpus_per_actor)),
         },
@@ -142,44 +140,73 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
         num_gpus=cfg.num_gpus,
         num_cpus=cfg.cpus_per_actor,
     )
-    return ds.map(_write_shard, fn_kwargs={"output": output, "identity": identity, "fail_at": fail_at}, **light)
+    return ds.map_batches(**light(_WriteShards, output=output, identity=identity, fail_at=fail_at))
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model: str):
-    from transformers import AutoTokenizer
+class _TokenizeShards:
+    """Reads a shard's documents and tokenizes them (no padding: the encoder pads per batch)."""
 
-    from raykit.encoder import resolve_model
+    def __init__(self, model: str, max_seq_length: int):
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(model))
+        from raykit.encoder import resolve_model
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        self.max_seq_length = max_seq_length
+
+    def __call__(self, batch: dict) -> dict:
+        out = _read_and_tokenize({"shard": batch["shard"][0]}, self.tokenizer, self.max_seq_length)
+        return {k: [v] for k, v in out.items()}
 
 
-def _read_and_tokenize(row: dict, model: str, max_seq_length: int) -> dict:
+class _WriteShards:
+    def __init__(self, output: str, identity: dict, fail_at: int):
+        self.output, self.identity, self.fail_at = output, identity, fail_at
+
+    def __call__(self, batch: dict) -> dict:
+        out = _write_shard({k: v[0] for k, v in batch.items()}, self.output, self.identity, self.fail_at)
+        return {k: [v] for k, v in out.items()}
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS after a shard.
+
+    glibc keeps freed memory in its arenas; batches of ever-different shapes then fragment them and a
+    long-lived worker's resident memory creeps up with corpus size. One malloc_trim per shard keeps it
+    flat, at a cost of well under a millisecond.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
+def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int) -> dict:
     shard = corpus.Shard(**json.loads(row["shard"]))
     ids, texts = corpus.read(shard)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise RaykitError(f"{shard.path}: duplicate id '{dup}' in {shard.name}; ids must be unique")
-    tokenizer = _tokenizer(model)
     encoded = tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"] if texts else []
     lengths = np.array([len(t) for t in encoded], dtype=np.int64)
     tokens = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32, count=int(lengths.sum()))
-    return {
+    row = {
         "shard": row["shard"],
         "ids": json.dumps(ids),  # one string: Arrow keeps it as is, whatever the ids look like
         "tokens": tokens.tobytes(),
         "lengths": lengths.tobytes(),
         "content": corpus.content_hash(ids, texts),
     }
+    del texts, encoded
+    _release_memory()
+    return row
 
 
 class _EncodeShards:
     """An encoder actor: loads the model once, checks it is the driver's, embeds one shard per call."""
 
-    def __init__(self, model, max_seq_length, fingerprint, dim, dtype, batch_size, precision, threads):
+    def __init__(self, model, max_seq_length, fingerprint, dim, dtype, batch_size, batch_tokens, precision, threads):
         import torch
-
-        from raykit.train import use_bf16
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
@@ -189,9 +216,12 @@ class _EncodeShards:
         if mine != fingerprint:  # e.g. a hub id that resolved to another revision on this node
             raise RaykitError(f"model: {model} loaded on this node as {_short(mine)}, on the driver as {_short(fingerprint)}; pin one revision or use a folder on shared storage")
         self.encoder = encoder.to(self.device).eval()
-        self.bf16 = use_bf16(precision, self.device)
+        self.bf16 = fast_bf16(precision, self.device)
         self.pad = encoder.tokenizer.pad_token_id or 0
         self.dim, self.dtype, self.batch_size = dim, np.dtype(dtype), batch_size
+        # Tokens per batch bound the activations: on a CPU a batch that fits in cache runs ~1.5x
+        # faster per document than a large one; a GPU wants large batches.
+        self.batch_tokens = batch_tokens or (65536 if self.device.type == "cuda" else 4096)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -201,10 +231,8 @@ class _EncodeShards:
         tokens = np.frombuffer(batch["tokens"][0], dtype=np.int32)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         out = np.empty((len(lengths), self.dim), dtype=np.float32)
-        order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b:b + self.batch_size]
+            for idx in self._batches(lengths):
                 width = int(lengths[idx].max())
                 ids = np.full((len(idx), width), self.pad, dtype=np.int64)
                 mask = np.zeros((len(idx), width), dtype=np.int64)
@@ -216,12 +244,36 @@ class _EncodeShards:
                     emb = emb[:, : self.dim]
                     emb = F.normalize(emb, dim=-1) if self.encoder.normalize else emb
                 out[idx] = emb.cpu().numpy()
+        _release_memory()
         return {
             "shard": batch["shard"],
             "ids": batch["ids"],
             "content": batch["content"],
+            "ran_in": ["bf16" if self.bf16 else "fp32"],
             "embedding": [out.astype(self.dtype).tobytes()],
         }
+
+    def _batches(self, lengths: np.ndarray):
+        """Index arrays, longest documents first, each within batch_size docs and batch_tokens padded tokens."""
+        order = np.argsort(-lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            width = max(1, int(lengths[order[start]]))  # the longest in the batch sets its width
+            n = max(1, min(self.batch_size, self.batch_tokens // width))
+            yield order[start:start + n]
+            start += n
+
+
+def fast_bf16(precision: str, device) -> bool:
+    """Whether to run in bf16: asked for, or `auto` on hardware where bf16 matmuls are fast."""
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # Intel AMX: bf16 tiles in hardware
+    return bool(amx())
 
 
 def _write_shard(row: dict, output: str, identity: dict, fail_at: int) -> dict:
@@ -231,7 +283,7 @@ def _write_shard(row: dict, output: str, identity: dict, fail_at: int) -> dict:
     if shard.index == fail_at:
         raise RuntimeError(f"RAYKIT_FAIL_AT_SHARD={fail_at}: injected failure before writing {shard.name}")
     data = manifest.shard_bytes(ids, emb)
-    manifest.put(storage.join(output, shard.name + ".parquet"), data)
+    storage.put(storage.join(output, shard.name + ".parquet"), data)
     record = {
         "name": shard.name,
         "path": shard.name + ".parquet",
@@ -239,10 +291,13 @@ def _write_shard(row: dict, output: str, identity: dict, fail_at: int) -> dict:
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "content": row["content"],
+        "ran_in": row["ran_in"],  # the precision that actually ran on this actor's hardware
         "source": shard.source(),
-        **{k: identity[k] for k in ("model", "dim", "dtype")},
+        **{k: identity[k] for k in ("model", "dim", "dtype", "precision")},
     }
     manifest.write_record(output, record)  # after the shard: a record means the shard is whole
+    del data, emb
+    _release_memory()
     return {"name": shard.name, "rows": len(ids), "record": json.dumps(record)}
 
 
@@ -252,7 +307,7 @@ def _record_matches(record: dict, shards: list[corpus.Shard], identity: dict) ->
     return (
         shard is not None
         and record.get("source") == shard.source()
-        and all(record.get(k) == identity[k] for k in ("model", "dim", "dtype"))
+        and all(record.get(k) == identity[k] for k in ("model", "dim", "dtype", "precision"))
     )
 
 
@@ -263,6 +318,7 @@ def _manifest(job, source, shards, records, identity, settings, started, seconds
         "raykit_version": __version__,
         "model": {"name": job.model, "fingerprint": identity["model"], **settings},
         "embedding": {"dim": identity["dim"], "dtype": identity["dtype"], "normalized": settings["normalize"],
+                      "precision": identity["precision"], "ran_in": sorted({r["ran_in"] for r in ordered}),
                       "id_column": "id", "column": "embedding"},
         "corpus": {"source": source, "fingerprint": _corpus_fingerprint(ordered), "plan": identity["plan"],
                    "files": len({s.path for s in shards}), "shard_mb": job.embed.shard_mb},
@@ -287,6 +343,7 @@ def _identity(committed: dict) -> dict:
         "plan": committed["corpus"]["plan"],
         "dim": committed["embedding"]["dim"],
         "dtype": committed["embedding"]["dtype"],
+        "precision": committed["embedding"]["precision"],
     }
 
 
@@ -297,8 +354,9 @@ def _mismatch(output: str, committed: dict, identity: dict) -> str:
         what.append(f"model {_short(old['model'])} ({committed['model']['name']}), this job's is {_short(identity['model'])}")
     if old["plan"] != identity["plan"]:
         what.append("another corpus (or the same files changed, or another embed.shard_mb)")
-    if (old["dim"], old["dtype"]) != (identity["dim"], identity["dtype"]):
-        what.append(f"dim {old['dim']} {old['dtype']}, this job asks {identity['dim']} {identity['dtype']}")
+    keys = ("dim", "dtype", "precision")
+    if any(old[k] != identity[k] for k in keys):
+        what.append(f"embed {' '.join(str(old[k]) for k in keys)}, this job asks {' '.join(str(identity[k]) for k in keys)}")
     return (f"{storage.join(output, manifest.MANIFEST)}: already committed with {'; '.join(what)}. "
             "Write to another output, or pass new_run=true to replace it")
 
@@ -327,18 +385,6 @@ class _Progress:
             f"{written / elapsed:.1f} docs/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s\n"
         )
         sys.stdout.flush()
-
-
-def _user_error(e: BaseException) -> RaykitError | None:
-    """The RaykitError a worker raised, from the exception Ray hands the driver.
-
-    Ray Data re-raises a worker's exception as RayTaskError(UserCodeException) without the original
-    as a cause; its text keeps the remote traceback, whose `raykit.errors.X: message` line is ours.
-    """
-    if isinstance(e, RaykitError):
-        return e
-    found = re.findall(r"^raykit\.errors\.\w+: (.+)$", str(e), flags=re.MULTILINE)
-    return RaykitError(found[-1]) if found else None
 
 
 def _short(fingerprint: str) -> str:

@@ -102,23 +102,8 @@ def shard_bytes(ids: list[str], embedding: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def put(path: str, data: bytes) -> None:
-    """Write a whole object: on S3 it appears complete or not at all; locally via rename."""
-    fs, p = storage.filesystem(path)
-    parent = p.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if storage.is_uri(path):
-        with fs.open_output_stream(p) as f:
-            f.write(data)
-        return
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, p)
-
-
 def write_record(output: str, record: dict) -> None:
-    put(storage.join(output, RECORDS, record["name"] + ".json"), json.dumps(record, sort_keys=True).encode())
+    storage.put(storage.join(output, RECORDS, record["name"] + ".json"), json.dumps(record, sort_keys=True).encode())
 
 
 def read_records(output: str) -> dict[str, dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -76,11 +77,30 @@ def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     return found
 
 
-def write_text(path: str, text: str) -> None:
+def write_bytes(path: str, data: bytes) -> None:
     fs, p = filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
-        f.write(text.encode())
+        f.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def put(path: str, data: bytes) -> None:
+    """Write a whole file at once: on S3 it appears complete or not at all; locally via rename."""
+    fs, p = filesystem(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if is_uri(path):
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, p)
 
 
 def copy_dir(src: str, dst: str) -> None:

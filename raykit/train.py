@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from raykit import storage
+from raykit import report, storage
 from raykit.cluster import connect_ray, raykit_env
 from raykit.config import JobConfig
-from raykit.data import Beir, load_beir, load_training_set
+from raykit.data import Beir, load_beir, load_training_set, negative_count
 from raykit.encoder import Encoder, resolve_model
 from raykit.errors import RaykitError
-from raykit.evaluate import evaluate, format_table
-from raykit.losses import mnr_loss
+from raykit.evaluate import evaluate
+from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.strategies import build_trainee
 
 STATE_FILE = "state.json"
@@ -41,6 +41,7 @@ def train_fn_per_worker(config: dict) -> None:
     _quiet_ray_train_reports()
     job: JobConfig = config["job"]
     eval_set: Beir | None = config["eval_set"]
+    ood_set: Beir | None = config.get("ood_set")  # out of domain: the forgetting guard
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.train.seed)  # same init on every rank; DDP/DeepSpeed also broadcast rank 0's
@@ -55,7 +56,7 @@ def train_fn_per_worker(config: dict) -> None:
     trainee = build_trainee(encoder, job, total_steps, device, bf16)
 
     # Resume: the latest checkpoint of this output_dir, after a rerun or a worker-group restart.
-    state = {"step": 0, "eval_before": None, "history": []}
+    state = {"step": 0, "eval_before": None, "ood_before": None, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as path:
@@ -64,13 +65,17 @@ def train_fn_per_worker(config: dict) -> None:
         state.setdefault("resumed_from", []).append(state["step"])
         log(f"resumed from step {state['step']}/{total_steps}")
 
-    def run_eval() -> dict:
-        return evaluate(trainee.encoder, eval_set, job.eval.dims, job.eval.batch_size, device, trainee.module)
+    def run_eval(beir: Beir | None = None) -> dict:
+        return evaluate(trainee.encoder, beir or eval_set, job.eval.dims, job.eval.batch_size, device, trainee.module)
 
     if eval_set and job.eval.before and state["eval_before"] is None:
         log(f"evaluating the base model on {len(eval_set.corpus)} docs, {len(eval_set.queries)} queries ...")
         state["eval_before"] = run_eval()
         log(_eval_line("before", state["eval_before"]))
+    if ood_set and state.get("ood_before") is None:
+        log(f"evaluating the base model out of domain ({len(ood_set.corpus)} docs, {len(ood_set.queries)} queries) ...")
+        state["ood_before"] = run_eval(ood_set)
+        log(_eval_line("before, out of domain", state["ood_before"]))
 
     shard = ray.train.get_dataset_shard("train")
     global_batch = job.train.batch_size * world
@@ -139,27 +144,46 @@ def train_fn_per_worker(config: dict) -> None:
         log("evaluating the fine-tuned model ...")
         after = run_eval()
         log(_eval_line("after", after))
+    if ood_set:
+        state["ood_after"] = run_eval(ood_set)
+        log(_eval_line("after, out of domain", state["ood_after"]))
     log(f"training took {_duration(time.perf_counter() - started)}; exporting the model")
     final = {"step": step, "done": True, **(_flat(after) if after else {})}
     _report_checkpoint(trainee, state, rank, step, final, export=True, eval_after=after)
 
 
 def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
-    """Encode one batch of (query, positive[, negative]) rows and score it with the job's loss."""
+    """Encode one batch of (query, positive, k negatives) rows and score it with the job's loss."""
     encoder = trainee.encoder
+    k = negative_count(batch)
     queries = trainee(_tokens(encoder, batch["query"], device))  # (B, H)
     positives = trainee(_tokens(encoder, batch["positive"], device))  # (B, H)
-    negatives = trainee(_tokens(encoder, batch["negative"], device)) if "negative" in batch else None  # (B, H)
-    return mnr_loss(
-        queries,
-        positives,
-        torch.tensor(batch["query_id"], device=device),
-        torch.tensor(batch["positive_id"], device=device),
-        scale=job.loss.scale,
-        negatives=negatives,
-        negative_ids=torch.tensor(batch["negative_id"], device=device) if negatives is not None else None,
-        gather=job.loss.gather,
-    )
+    negatives = negative_ids = None
+    if k:  # all k*B negatives in one forward pass, then back to (B, k, H)
+        texts = [t for j in range(k) for t in batch[f"negative_{j}"]]
+        negatives = trainee(_tokens(encoder, texts, device)).reshape(k, len(queries), -1).transpose(0, 1)
+        negative_ids = torch.stack([torch.as_tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device)  # (B, k)
+    query_ids = torch.as_tensor(batch["query_id"], device=device)
+    positive_ids = torch.as_tensor(batch["positive_id"], device=device)
+    cfg = job.loss
+
+    def loss_on(q, p, n):
+        if cfg.name == "mnr":
+            return mnr_loss(q, p, query_ids, positive_ids, scale=cfg.scale, negatives=n, negative_ids=negative_ids, gather=cfg.gather)
+        teacher_pos = torch.as_tensor(batch["positive_score"], device=device)
+        teacher_neg = torch.stack([torch.as_tensor(batch[f"negative_score_{j}"]) for j in range(k)], 1).to(device)
+        if cfg.name == "margin_mse":
+            return margin_mse_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale)
+        return kl_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale, temperature=cfg.temperature)
+
+    embeddings = (queries, positives, negatives)
+    if cfg.matryoshka_dims:
+        loss = matryoshka_loss(loss_on, embeddings, cfg.matryoshka_dims, cfg.matryoshka_weights)
+    else:
+        loss = loss_on(*embeddings)
+    if job.train.l2sp:
+        loss = loss + job.train.l2sp * trainee.drift()
+    return loss
 
 
 def _report_checkpoint(trainee, state, rank, step, metrics, export=False, eval_after=None):
@@ -173,7 +197,9 @@ def _report_checkpoint(trainee, state, rank, step, metrics, export=False, eval_a
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(state))
             if export:
-                Path(tmp, "eval.json").write_text(json.dumps({"before": state["eval_before"], "after": eval_after}, indent=2))
+                evaluation = {"before": state["eval_before"], "after": eval_after,
+                              "ood_before": state.get("ood_before"), "ood_after": state.get("ood_after")}
+                Path(tmp, "eval.json").write_text(json.dumps(evaluation, indent=2))
                 Path(tmp, "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["history"]))
         has_files = any(Path(tmp).iterdir())
         ray.train.report(
@@ -198,10 +224,16 @@ def run(job: JobConfig) -> dict:
 
     # Everything that can be wrong with the input fails here, before a worker starts.
     check_model(job)
+    job = prepare_data(job)
     table = load_training_set(job.data, job.train.seed)
+    if job.loss.distill and "positive_score" not in table.column_names:
+        raise RaykitError(f"loss.name={job.loss.name}: {job.data.train} has no teacher scores; set teacher.model, or run raykit score")
     if job.eval.data and not storage.exists(job.eval.data):
         raise RaykitError(f"eval.data: {job.eval.data}: no such folder; point it at a BEIR folder or set eval.data= to skip")
     eval_set = load_beir(job.eval.data, job.eval.split) if job.eval.data else None
+    if job.eval.ood_data and not storage.exists(job.eval.ood_data):
+        raise RaykitError(f"eval.ood_data: {job.eval.ood_data}: no such folder; point it at an out-of-domain BEIR folder or set eval.ood_data=")
+    ood_set = load_beir(job.eval.ood_data, job.eval.ood_split) if job.eval.ood_data else None
     steps_per_epoch, total_steps = schedule_length(table.num_rows, job.scaling.num_workers, job)
     print(
         f"[raykit] {table.num_rows} training pairs from {job.data.train} | {job.scaling.num_workers} worker(s) x "
@@ -212,7 +244,7 @@ def run(job: JobConfig) -> dict:
     connect_ray()
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"job": job, "num_rows": table.num_rows, "eval_set": eval_set},
+        train_loop_config={"job": job, "num_rows": table.num_rows, "eval_set": eval_set, "ood_set": ood_set},
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.scaling.num_workers,
             use_gpu=job.scaling.use_gpu,
@@ -243,11 +275,14 @@ def run(job: JobConfig) -> dict:
         for name in ("model", "adapter"):
             if Path(path, name).is_dir():
                 storage.copy_dir(str(Path(path, name)), storage.join(output_dir, name))
-        for name in ("eval.json", "metrics.jsonl"):
-            if Path(path, name).is_file():
-                storage.write_text(storage.join(output_dir, name), Path(path, name).read_text())
+        if Path(path, "metrics.jsonl").is_file():
+            storage.write_text(storage.join(output_dir, "metrics.jsonl"), Path(path, "metrics.jsonl").read_text())
         evaluation = json.loads(Path(path, "eval.json").read_text()) if Path(path, "eval.json").is_file() else {}
         state = json.loads(Path(path, STATE_FILE).read_text())
+    if evaluation:
+        evaluation["flags"] = report.flags(evaluation, job.eval)
+        storage.write_text(storage.join(output_dir, "eval.json"), json.dumps(evaluation, indent=2))
+        report.write_plots(evaluation, job.eval, output_dir)
 
     summary = {
         "output_dir": output_dir,
@@ -260,12 +295,25 @@ def run(job: JobConfig) -> dict:
         "config": job.to_dict(),
     }
     storage.write_text(summary_path, json.dumps(summary, indent=2))  # written last: marks the run complete
-    if evaluation.get("after"):
-        before = {int(k): v for k, v in (evaluation.get("before") or {}).items()}
-        after = {int(k): v for k, v in evaluation["after"].items()}
-        print(f"\n[raykit] {job.eval.data} ({job.eval.split})\n" + format_table(before, after))
+    if evaluation:
+        print("\n" + report.text(evaluation, job.eval))
     print(f"\n[raykit] model: {summary['model']}  ({summary['seconds']}s)")
     return summary
+
+
+def prepare_data(job: JobConfig) -> JobConfig:
+    """The job with data.train pointing at what training reads: mined triplets, then teacher scores."""
+    import dataclasses
+
+    if job.mine.enabled:
+        from raykit import mine
+
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=mine.run(job)))
+    if job.loss.distill and job.teacher.model:
+        from raykit import score
+
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=score.run(job, job.data.train)))
+    return job
 
 
 def check_model(job: JobConfig) -> None:
@@ -277,8 +325,9 @@ def check_model(job: JobConfig) -> None:
         model_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise RaykitError(f"model.name: cannot load '{job.model.name}' ({str(e).splitlines()[0]})") from None
-    if job.eval.dims and job.eval.dims[-1] > model_config.hidden_size:
-        raise RaykitError(f"eval.dims: {job.eval.dims[-1]} is larger than the model's {model_config.hidden_size} dimensions")
+    for key, dims in (("eval.dims", job.eval.dims), ("loss.matryoshka_dims", job.loss.matryoshka_dims)):
+        if dims and dims[-1] > model_config.hidden_size:
+            raise RaykitError(f"{key}: {dims[-1]} is larger than the model's {model_config.hidden_size} dimensions")
     if job.train.strategy == "lora":
         from raykit.strategies.lora import check_target_modules
 

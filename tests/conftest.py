@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+import seaweed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -27,26 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_port_pair() -> int:
-    # SeaweedFS serves gRPC on port + 10000: both must be free.
-    while True:
-        port = _free_port()
-        if port + 10000 < 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                    return port
-                except OSError:
-                    continue
-
-
-S3_PORT = _free_port_pair()
+S3_PORT = seaweed.free_port_pair()
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
 
 
@@ -75,49 +54,34 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_model) -> str:
+    """A tiny random cross-encoder (BERT with a 1-logit classification head): a stand-in teacher."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-teacher")
+    torch.manual_seed(1)
+    config = BertConfig.from_pretrained(tiny_model, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on loopback; yields a function that makes a fresh bucket."""
     import boto3
 
-    weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
-    data_dir = tmp_path_factory.mktemp("weed")
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "webdav")}
-    cmd = [
-        weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-        f"-s3.port={S3_PORT}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}", f"-webdav.port={ports['webdav']}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
-    ]
-    log = open(data_dir / "weed.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = seaweed.start(tmp_path_factory.mktemp("weed"), S3_PORT)
     client = boto3.client("s3")
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.list_buckets()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}")
-            time.sleep(0.5)
     counter = iter(range(10**6))
 
     def make_bucket() -> str:
-        name = f"raykit-test-{next(counter)}"
-        for _ in range(40):  # the filer may need a moment before the first bucket sticks
-            try:
-                client.create_bucket(Bucket=name)
-                return name
-            except Exception:  # noqa: BLE001
-                time.sleep(0.5)
-        raise RuntimeError("could not create a bucket on SeaweedFS")
+        return seaweed.make_bucket(client, f"raykit-test-{next(counter)}")
 
     make_bucket.client = client
     yield make_bucket
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+    seaweed.stop(proc)
 
 
 def upload_dir(client, local: Path, bucket: str, prefix: str) -> str:

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raykit.config import DataConfig
-from raykit.data import load_beir, load_training_set
+from raykit.data import negative_count, load_beir, load_training_set
 from raykit.errors import DataError
 
 from conftest import QUICKSTART, upload_dir
@@ -46,7 +46,30 @@ def test_pair_files_jsonl_and_parquet(tmp_path):
     pq.write_table(pa.table({"query": ["q2"], "positive": ["p2"], "negative": ["n2"]}), tmp_path / "b.parquet")
     table = load_training_set(DataConfig(train=str(tmp_path)), seed=0)
     assert table.num_rows == 2
-    assert {"query", "positive", "negative", "query_id", "positive_id", "negative_id"} <= set(table.column_names)
+    assert {"query", "positive", "negative_0", "query_id", "positive_id", "negative_id_0"} <= set(table.column_names)
+
+
+def test_several_negatives_and_teacher_scores(tmp_path):
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}a", f"n{i}b", f"n{i}c"],
+             "positive_score": 5.0, "negative_scores": [1.0, 2.0, 3.0]} for i in range(3)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = load_training_set(DataConfig(train=str(tmp_path), num_negatives=2), seed=0)
+    assert negative_count(table.column_names) == 2
+    row = table.slice(0, 1).to_pylist()[0]
+    i = row["query"][1:]
+    assert (row["negative_0"], row["negative_1"]) == (f"n{i}a", f"n{i}b")
+    assert (row["positive_score"], row["negative_score_0"], row["negative_score_1"]) == (5.0, 1.0, 2.0)
+    rows[1]["negatives"] = ["only one"]
+    rows[1]["negative_scores"] = [0.0]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"t.jsonl:line 2: 1 negatives, data.num_negatives asks 2"):
+        load_training_set(DataConfig(train=str(tmp_path), num_negatives=2), seed=0)
+    with pytest.raises(DataError, match=r"rows have 1 to 3 negatives; set data.num_negatives"):
+        load_training_set(DataConfig(train=str(tmp_path)), seed=0)
+    rows[1]["negative_scores"] = [0.0, 1.0]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"t.jsonl:line 2: 'negative_scores' must give one score per negative"):
+        load_training_set(DataConfig(train=str(tmp_path)), seed=0)
 
 
 @pytest.mark.parametrize(

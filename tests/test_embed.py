@@ -30,7 +30,7 @@ SHARD_MB = 0.01  # data/quickstart's corpus.jsonl (~40 kB) in 4 shards
 
 def job(model: str, output: str, *extra: str) -> EmbedJob:
     return load_job(None, [f"model={model}", f"corpus={QUICKSTART}", f"output={output}", f"max_seq_length={MAX_LEN}",
-                           f"embed.shard_mb={SHARD_MB}", "embed.concurrency=2", *extra], EmbedJob)
+                           f"embed.shard_mb={SHARD_MB}", "embed.concurrency=2", "embed.precision=fp32", *extra], EmbedJob)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
         assert hashlib.sha256(body).hexdigest() == shard["sha256"] and len(body) == shard["bytes"]
     encoder = Encoder.from_pretrained(tiny_model, MAX_LEN)
     assert stored["model"]["fingerprint"] == encoder.fingerprint()
-    assert stored["embedding"] == {"dim": 32, "dtype": "float32", "normalized": True, "id_column": "id", "column": "embedding"}
+    assert stored["embedding"] == {"dim": 32, "dtype": "float32", "normalized": True, "precision": "fp32", "ran_in": ["fp32"],
+                                   "id_column": "id", "column": "embedding"}
     assert "[raykit] embed 4/4 shards" in out and "committed 240 rows in 4 shards" in out
     for secret in S3_ENV.values():  # no credential in what we print or store
         assert secret not in out or secret == "us-east-1"
@@ -170,3 +171,28 @@ def test_bad_corpus_is_one_line_and_nothing_is_committed(ray_cluster, tiny_model
     assert "model: not set" in capsys.readouterr().err
     assert main(["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", "embed.dim=999", f"output={out}"]) == 2
     assert "embed.dim: 999 is larger than the model's 32" in capsys.readouterr().err
+
+
+def test_batches_respect_the_token_budget_and_cover_every_document():
+    from raykit.embed import _EncodeShards
+
+    actor = object.__new__(_EncodeShards)  # only the batching, no model
+    actor.batch_size, actor.batch_tokens = 8, 100
+    lengths = np.array([5, 40, 12, 40, 3, 25, 25, 7, 60, 1] * 3, dtype=np.int64)
+    batches = list(actor._batches(lengths))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for idx in batches:
+        assert len(idx) <= 8 and (len(idx) == 1 or len(idx) * lengths[idx].max() <= 100)
+    assert lengths[batches[0]].max() == 60  # longest first
+    widths = [lengths[idx].max() for idx in batches]
+    assert widths == sorted(widths, reverse=True)
+
+
+def test_bf16_embeddings_stay_close_to_fp32(ray_cluster, tiny_model, tmp_path):
+    fp32 = run(job(tiny_model, str(tmp_path / "fp32")))
+    bf16 = run(job(tiny_model, str(tmp_path / "bf16"), "embed.precision=bf16"))
+    assert bf16["embedding"]["ran_in"] == ["bf16"] and fp32["model"]["fingerprint"] == bf16["model"]["fingerprint"]
+    for a, b in zip(fp32["shards"], bf16["shards"]):
+        _, x = manifest.read_shard(str(tmp_path / "fp32"), a, 32)
+        _, y = manifest.read_shard(str(tmp_path / "bf16"), b, 32)
+        assert (x * y).sum(axis=1).min() > 0.99  # unit vectors: dot = cosine

@@ -96,3 +96,55 @@ def test_a_duplicated_positive_is_not_a_negative():
         -logits[2, 2] + torch.logsumexp(logits[2, [0, 1, 2]], 0),
     ]).mean()
     torch.testing.assert_close(loss_q, expected_q)
+
+
+def test_k_negatives_per_query_are_extra_candidates():
+    torch.manual_seed(0)
+    q, d = F.normalize(torch.randn(4, D), dim=-1), F.normalize(torch.randn(4, D), dim=-1)
+    n = F.normalize(torch.randn(4, 3, D), dim=-1)  # 3 hard negatives per query
+    ids = torch.arange(4)
+    cands = torch.cat([d, n.reshape(-1, D)])  # positives, then every negative
+    expected = F.cross_entropy(20.0 * q @ cands.T, torch.arange(4))
+    got = mnr_loss(q, d, ids, ids + 10, scale=20.0, negatives=n, negative_ids=torch.arange(100, 112).reshape(4, 3), gather=False)
+    torch.testing.assert_close(got, expected)
+
+
+def test_matryoshka_sums_the_base_loss_over_renormalized_prefixes():
+    from raykit.losses import matryoshka_loss
+
+    torch.manual_seed(0)
+    q, d = F.normalize(torch.randn(5, D), dim=-1), F.normalize(torch.randn(5, D), dim=-1)
+    ids = torch.arange(5)
+
+    def base(a, b, n):
+        assert n is None
+        return mnr_loss(a, b, ids, ids + 10, gather=False)
+
+    got = matryoshka_loss(base, (q, d, None), dims=(2, 4, D), weights=(1.0, 0.5, 2.0))
+    expected = (base(F.normalize(q[:, :2], dim=-1), F.normalize(d[:, :2], dim=-1), None)
+                + 0.5 * base(F.normalize(q[:, :4], dim=-1), F.normalize(d[:, :4], dim=-1), None)
+                + 2.0 * base(q, d, None))
+    torch.testing.assert_close(got, expected)
+    # gradients reach the whole embedding, the early dims from every term
+    x = torch.randn(5, D, requires_grad=True)
+    matryoshka_loss(base, (F.normalize(x, dim=-1), d, None), dims=(2, D)).backward()
+    assert x.grad[:, :2].abs().sum() > 0 and x.grad[:, 2:].abs().sum() > 0
+
+
+def test_margin_mse_and_kl_match_their_definitions():
+    from raykit.losses import kl_loss, margin_mse_loss
+
+    torch.manual_seed(0)
+    q, p = F.normalize(torch.randn(3, D), dim=-1), F.normalize(torch.randn(3, D), dim=-1)
+    n = F.normalize(torch.randn(3, 2, D), dim=-1)
+    tp, tn = torch.tensor([5.0, 3.0, 1.0]), torch.tensor([[1.0, 2.0], [0.0, 3.0], [2.0, -1.0]])
+    sp = 20 * (q * p).sum(-1)
+    sn = 20 * torch.einsum("bd,bkd->bk", q, n)
+    expected = (((sp[:, None] - sn) - (tp[:, None] - tn)) ** 2).mean()
+    torch.testing.assert_close(margin_mse_loss(q, p, n, tp, tn, scale=20.0), expected)
+    s = torch.cat([sp[:, None], sn], 1)
+    t = torch.cat([tp[:, None], tn], 1) / 2.0
+    expected_kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1).mean()
+    torch.testing.assert_close(kl_loss(q, p, n, tp, tn, scale=20.0, temperature=2.0), expected_kl)
+    # a student whose margins equal the teacher's has zero MarginMSE
+    assert margin_mse_loss(q, p, n, sp.detach(), sn.detach(), scale=20.0) < 1e-8

@@ -1,6 +1,6 @@
 """Multiple-negatives ranking loss (in-batch negatives, InfoNCE), gathered across workers.
 
-Inputs: pairs (query, positive), optionally one hard negative per query. Each query is scored against
+Inputs: pairs (query, positive), optionally k hard negatives per query. Each query is scored against
 every positive and negative in the *global* batch (all workers); cross-entropy pushes its own
 positive to the top. `scale` = 1/temperature (20 means 0.05), as in sentence-transformers'
 MultipleNegativesRankingLoss, which this equals on one process.
@@ -24,8 +24,8 @@ def mnr_loss(
     query_ids: torch.Tensor,  # (B,) int64
     positive_ids: torch.Tensor,  # (B,) int64
     scale: float = 20.0,
-    negatives: torch.Tensor | None = None,  # (B, D) one hard negative per query
-    negative_ids: torch.Tensor | None = None,  # (B,)
+    negatives: torch.Tensor | None = None,  # (B, D) or (B, k, D): hard negatives per query
+    negative_ids: torch.Tensor | None = None,  # (B,) or (B, k)
     gather: bool = True,
 ) -> torch.Tensor:
     """Mean loss over this worker's queries; with DDP/ZeRO gradient averaging this is the global mean."""
@@ -42,12 +42,13 @@ def mnr_loss(
     # A doc candidate is a false negative for query i when it is i's document or belongs to i's query.
     false_neg = (cand_ids[None, :] == positive_ids[:, None]) | (owner_qids[None, :] == query_ids[:, None])  # (B, world*B)
     if negatives is not None:
-        negs = torch.cat(dist_fn.all_gather(negatives), 0) if world > 1 else negatives  # (world*B, D)
+        negatives, negative_ids = negatives.reshape(-1, negatives.shape[-1]), negative_ids.reshape(-1)  # (B*k, D)
+        negs = torch.cat(dist_fn.all_gather(negatives), 0) if world > 1 else negatives  # (world*B*k, D)
         neg_ids = _gather_ids(negative_ids, world) if world > 1 else negative_ids
-        cands = torch.cat([cands, negs], 0)  # (world*B*2, D)
+        cands = torch.cat([cands, negs], 0)  # (world*B*(1+k), D)
         false_neg = torch.cat([false_neg, neg_ids[None, :] == positive_ids[:, None]], 1)
     false_neg[torch.arange(batch), labels] = False
-    scores = scale * queries.float() @ cands.float().T  # (B, world*B*(1+N))
+    scores = scale * queries.float() @ cands.float().T  # (B, world*B*(1+k))
     scores = scores.masked_fill(false_neg, float("-inf"))
     return F.cross_entropy(scores, labels)
 

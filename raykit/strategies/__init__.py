@@ -25,6 +25,20 @@ class Trainee(Protocol):
     def save_state(self, path: str, rank: int) -> None: ...
     def load_state(self, path: str) -> None: ...
     def export(self, path: str, rank: int) -> None: ...
+    def drift(self) -> torch.Tensor: ...  # L2-SP: sum ||w - w0||^2 over the trained weights
+
+
+class Anchor:
+    """L2-SP's reference point: the trained weights as they were before the first step.
+
+    Costs one copy of the trained weights per worker (for LoRA, only the adapters).
+    """
+
+    def __init__(self, params):
+        self.pairs = [(p, p.detach().clone()) for p in params if p.requires_grad]
+
+    def drift(self) -> torch.Tensor:
+        return sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in self.pairs)
 
 
 def build_trainee(encoder: Encoder, job: JobConfig, total_steps: int, device: torch.device, bf16: bool) -> Trainee:

@@ -15,6 +15,7 @@ import torch
 from raykit.config import DeepSpeedConfig, JobConfig, TrainConfig
 from raykit.encoder import Encoder
 from raykit.optim import adamw, warmup_cosine
+from raykit.strategies import Anchor
 
 CHECKPOINT_TAG = "zero"
 
@@ -59,6 +60,11 @@ class DeepSpeedTrainee:
             lr_scheduler=scheduler,
             config=deepspeed_config(job.train, job.deepspeed, bf16),
         )
+        # After initialize: the anchor must hold the live parameters (cast to bf16 under bf16).
+        self.anchor = Anchor(self.module.module.parameters()) if job.train.l2sp else None
+
+    def drift(self) -> torch.Tensor:
+        return self.anchor.drift()
 
     def __call__(self, batch):
         return self.module(**batch)

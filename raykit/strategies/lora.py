@@ -20,6 +20,7 @@ from raykit.config import JobConfig, LoraConfig
 from raykit.encoder import Encoder
 from raykit.errors import ConfigError
 from raykit.optim import adamw, warmup_cosine
+from raykit.strategies import Anchor
 
 
 POOLER = r".*pooler.*"
@@ -75,9 +76,14 @@ class LoraTrainee:
         )
         self.optimizer = adamw(self.params, job.train)
         self.scheduler = warmup_cosine(self.optimizer, total_steps, job.train.warmup_ratio)
+        self.anchor = Anchor(self.params) if job.train.l2sp else None
+
+    def drift(self) -> torch.Tensor:
+        return self.anchor.drift()
 
     def __call__(self, batch):
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        # bf16 autocast on GPUs, and on CPUs with AMX when train.precision=bf16 asks for it
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
             return self.module(**batch)
 

@@ -1,0 +1,115 @@
+"""Hard-negative mining, teacher scoring, and the strategy combinations end to end (tiny models, local Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raykit.cli import main
+from raykit.config import load_job
+from raykit.data import load_beir
+from raykit.encoder import Encoder
+from raykit.mine import run as mine
+
+from conftest import QUICKSTART, REPO
+from test_train import JOB, overrides
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positives(ray_cluster, tiny_model, tmp_path):
+    out = tmp_path / "triplets.jsonl"
+    job = load_job(JOB, [f"model.name={tiny_model}", "model.max_seq_length=32", f"data.train={QUICKSTART}",
+                         f"output_dir={tmp_path / 'run'}", f"mine.output={out}", "mine.top_k=20", "mine.range_min=3",
+                         "mine.num_negatives=2", "mine.sampling=top", "mine.embed.shard_mb=0.01", "mine.embed.precision=fp32"])
+    assert mine(job) == str(out)
+    rows = read_jsonl(out)
+    beir = load_beir(str(QUICKSTART), "train")
+    positives = {q: {d for d, r in docs.items() if r > 0} for q, docs in beir.qrels.items()}
+    assert len(rows) == sum(len(p) for p in positives.values())
+
+    # The same ranking, computed in memory: negatives are candidates 3 and 4 after removing positives.
+    encoder = Encoder.from_pretrained(tiny_model, 32)
+    ids = list(beir.corpus)
+    docs = encoder.encode([beir.corpus[i] for i in ids])
+    for row in rows[:20]:
+        q = row["query_id"]
+        assert not set(row["negative_ids"]) & positives[q]
+        scores = encoder.encode([beir.queries[q]]) @ docs.T
+        ranked = [ids[j] for j in scores[0].argsort(descending=True).tolist() if ids[j] not in positives[q]]
+        assert row["negative_ids"] == ranked[3:5]
+        assert row["negatives"] == [beir.corpus[i] for i in row["negative_ids"]]
+
+    # A rerun reuses the file; a margin keeps only candidates scoring well below the positive.
+    assert mine(job) == str(out)
+    margin = load_job(JOB, [f"model.name={tiny_model}", "model.max_seq_length=32", f"data.train={QUICKSTART}",
+                            f"mine.output={tmp_path / 'm.parquet'}", "mine.margin=0.05", "mine.range_min=0",
+                            "mine.embed.shard_mb=0.01"])
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(mine(margin)).to_pylist()
+    assert table and all(s <= r["positive_retriever_score"] - 0.05 + 1e-6 for r in table for s in r["negative_retriever_scores"])
+
+
+def test_lora_hard_negatives_matryoshka_and_the_forgetting_guard(ray_cluster, tiny_model, tmp_path):
+    """jobs/lora_hardneg_mnr.yaml's shape: mine, then train on the triplets; plus Matryoshka and an OOD set."""
+    out = tmp_path / "run"
+    args = overrides(tiny_model, out, "lora.rank=4", "train.lr=1e-2", "mine.enabled=true", "mine.top_k=10",
+                     "mine.range_min=2", "mine.embed.shard_mb=0.01", "loss.matryoshka_dims=[16,32]",
+                     f"eval.ood_data={QUICKSTART}", "eval.ood_split=train", "eval.max_ood_drop=0.5")
+    assert main(["train", JOB, *args]) == 0
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["config"]["data"]["train"].endswith("mined/triplets.jsonl")
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation) >= {"before", "after", "ood_before", "ood_after", "flags"}
+    assert set(evaluation["ood_after"]) == {"16", "32"}
+    assert (out / "ndcg_by_dim.png").stat().st_size > 0 and (out / "forgetting.png").stat().st_size > 0
+
+
+def test_full_distillation_with_a_cross_encoder_teacher_and_l2sp(ray_cluster, tiny_model, tiny_teacher, tmp_path):
+    """jobs/full_matryoshka_distill.yaml's shape: mine, score with the teacher, MarginMSE + Matryoshka, L2-SP."""
+    out = tmp_path / "run"
+    args = overrides(tiny_model, out, "train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3",
+                     "train.l2sp=0.1", "mine.enabled=true", "mine.top_k=10", "mine.range_min=2", "mine.num_negatives=2",
+                     "mine.embed.shard_mb=0.01", "loss.name=margin_mse", "loss.matryoshka_dims=[16,32]",
+                     f"teacher.model={tiny_teacher}", "teacher.max_seq_length=64")
+    assert main(["train", JOB, *args]) == 0
+    scored = read_jsonl(out / "scored" / "triplets.jsonl")
+    assert all(isinstance(r["positive_score"], float) and len(r["negative_scores"]) == 2 for r in scored)
+    # the teacher's score is its logit for (query, document) read together
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
+    with torch.no_grad():
+        logit = teacher(**tok(scored[0]["query"], scored[0]["negatives"][1], return_tensors="pt", truncation=True, max_length=64)).logits
+    assert scored[0]["negative_scores"][1] == pytest.approx(float(logit[0, 0]), abs=1e-4)
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["steps"] == 4 and (out / "model" / "model.safetensors").exists()
+
+
+def test_distillation_without_scores_or_teacher_is_one_clear_error(tiny_model, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}"]}) + "\n" for i in range(40)))
+    assert main(["train", JOB, *overrides(tiny_model, tmp_path / "run", f"data.train={pairs}", "loss.name=margin_mse")]) == 2
+    assert "has no teacher scores; set teacher.model" in capsys.readouterr().err
+    assert main(["train", JOB, *overrides(tiny_model, tmp_path / "run", "train.strategy=full", "deepspeed.zero_stage=3",
+                                          "train.l2sp=0.1")]) == 2
+    assert "train.l2sp: needs every weight on every worker" in capsys.readouterr().err
+    assert main(["train", JOB, *overrides(tiny_model, tmp_path / "run", "loss.matryoshka_dims=[16,64]")]) == 2
+    assert "loss.matryoshka_dims: 64 is larger than the model's 32" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_four_combination_jobs_load(tmp_path):
+    for name in ("lora_inbatch", "lora_hardneg_mnr", "full_matryoshka_distill", "lora_matryoshka"):
+        job = load_job(REPO / "jobs" / f"{name}.yaml", [f"output_dir={tmp_path / name}"])
+        assert job.eval.ood_data.endswith("cranfield") and job.eval.data.endswith("scifact"), name
+    assert load_job(REPO / "jobs" / "lora_hardneg_mnr.yaml").mine.enabled
+    distill = load_job(REPO / "jobs" / "full_matryoshka_distill.yaml")
+    assert distill.loss.name == "margin_mse" and distill.loss.matryoshka_dims and distill.train.strategy == "full"
+    assert load_job(REPO / "jobs" / "lora_matryoshka.yaml").loss.matryoshka_dims == (64, 128, 256, 384)

