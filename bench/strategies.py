@@ -29,11 +29,11 @@ NO_EVAL = ("eval.data=", "eval.ood_data=")  # scored afterwards, with sentence-t
 
 def runs(l2sp: float) -> dict[str, tuple[str, tuple[str, ...]]]:
     return {
+        "full": ("jobs/scifact_full.yaml", ()),
+        "full_l2sp": ("jobs/scifact_full.yaml", (f"train.l2sp={l2sp}",)),
         "lora_inbatch": ("jobs/lora_inbatch.yaml", ()),
         "lora_hardneg_mnr": ("jobs/lora_hardneg_mnr.yaml", ()),
         "lora_matryoshka": ("jobs/lora_matryoshka.yaml", ()),
-        "full": ("jobs/scifact_full.yaml", ()),
-        "full_l2sp": ("jobs/scifact_full.yaml", (f"train.l2sp={l2sp}",)),
     }
 
 

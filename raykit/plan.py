@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -32,6 +33,7 @@ LORA_RANKS = {"general": 8, "specialized": 16, "very": 64}
 @dataclass(frozen=True)
 class ModelShape:
     params: int
+    trainable: int  # what full fine-tuning trains: all but a BERT pooler (frozen: its output is unused)
     hidden: int
     layers: int
     heads: int
@@ -47,8 +49,6 @@ def model_shape(name: str) -> ModelShape:
     from raykit.encoder import resolve_model
     from raykit.strategies.lora import POOLER
 
-    import re
-
     try:
         config = AutoConfig.from_pretrained(resolve_model(name))
     except (OSError, ValueError) as e:
@@ -56,9 +56,10 @@ def model_shape(name: str) -> ModelShape:
     with torch.device("meta"):
         model = AutoModel.from_config(config)
     params = sum(p.numel() for p in model.parameters())
+    pooler = sum(p.numel() for n, p in model.named_parameters() if re.fullmatch(POOLER, n))
     linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not re.fullmatch(POOLER, n)]
     per_rank = sum(m.in_features + m.out_features for m in linears)
-    return ModelShape(params, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+    return ModelShape(params, params - pooler, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
                       {r: r * per_rank for r in (8, 16, 32, 64)})
 
 
@@ -71,8 +72,8 @@ def state_bytes(params: int, trained: int, strategy: str, zero_stage: int, gpus:
     n = max(1, gpus)
     return {
         "weights": w * params / (n if zero_stage >= 3 else 1),
-        "gradients": g * params / (n if zero_stage >= 2 else 1),
-        "optimizer": o * params / (n if zero_stage >= 1 else 1),
+        "gradients": g * trained / (n if zero_stage >= 2 else 1),
+        "optimizer": o * trained / (n if zero_stage >= 1 else 1),
     }
 
 
@@ -101,7 +102,7 @@ def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, doma
     budget = gpu_mem_gib * GiB * 0.9 if gpu_mem_gib else math.inf  # 10% for the allocator and CUDA context
 
     def total(strategy, stage, rank=16):
-        trained = shape.lora_params[rank] if strategy == "lora" else shape.params
+        trained = shape.lora_params[rank] if strategy == "lora" else shape.trainable
         return sum(state_bytes(shape.params, trained, strategy, stage, gpus, bf16).values()) + act
 
     reasons = []
@@ -141,7 +142,7 @@ def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, doma
         )
     if teacher:
         reasons.append("A cross-encoder teacher's scores transfer its precision through MarginMSE on the mined triplets.")
-    memory = state_bytes(shape.params, shape.lora_params[rank] if strategy == "lora" else shape.params, strategy, stage, gpus, bf16)
+    memory = state_bytes(shape.params, shape.lora_params[rank] if strategy == "lora" else shape.trainable, strategy, stage, gpus, bf16)
     memory["activations"] = act
     memory["total"] = sum(memory.values())
     return Plan(strategy, stage, rank, bool(negatives), matryoshka, teacher, memory, " ".join(reasons))

@@ -162,16 +162,16 @@ def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
     if k:  # all k*B negatives in one forward pass, then back to (B, k, H)
         texts = [t for j in range(k) for t in batch[f"negative_{j}"]]
         negatives = trainee(_tokens(encoder, texts, device)).reshape(k, len(queries), -1).transpose(0, 1)
-        negative_ids = torch.stack([torch.as_tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device)  # (B, k)
-    query_ids = torch.as_tensor(batch["query_id"], device=device)
-    positive_ids = torch.as_tensor(batch["positive_id"], device=device)
+        negative_ids = torch.stack([torch.tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device)  # (B, k)
+    query_ids = torch.tensor(batch["query_id"], device=device)
+    positive_ids = torch.tensor(batch["positive_id"], device=device)
     cfg = job.loss
 
     def loss_on(q, p, n):
         if cfg.name == "mnr":
             return mnr_loss(q, p, query_ids, positive_ids, scale=cfg.scale, negatives=n, negative_ids=negative_ids, gather=cfg.gather)
-        teacher_pos = torch.as_tensor(batch["positive_score"], device=device)
-        teacher_neg = torch.stack([torch.as_tensor(batch[f"negative_score_{j}"]) for j in range(k)], 1).to(device)
+        teacher_pos = torch.tensor(batch["positive_score"], device=device)
+        teacher_neg = torch.stack([torch.tensor(batch[f"negative_score_{j}"]) for j in range(k)], 1).to(device)
         if cfg.name == "margin_mse":
             return margin_mse_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale)
         return kl_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale, temperature=cfg.temperature)
