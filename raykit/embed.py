@@ -2,10 +2,10 @@
 
 The pipeline, one row per shard (see raykit/corpus.py) so that a shard is written whole or not at all:
 
-    plan shards (driver) -> read + tokenize (CPU tasks) -> encode (actor pool, GPUs) -> write Parquet (tasks)
+    plan shards (driver) -> read + tokenize (CPU actors) -> encode (actor pool, GPUs) -> write Parquet (actors)
 
 Tokenizing in its own CPU stage keeps the encoder actors busy with forward passes only; inside a
-shard, documents go through in length order so each batch pads to similar lengths. Every shard is
+shard, documents go through longest first in token-budget batches, so each pads to similar lengths. Every shard is
 followed by a small record; when all are written the driver commits manifest.json (see
 raykit/manifest.py). A rerun skips shards whose record matches this model and input, so an
 interrupted job resumes, and a committed one is a no-op.
@@ -34,9 +34,6 @@ PROGRESS_EVERY_S = 10.0
 
 def run(job: EmbedJob) -> dict:
     """Embed job.corpus with job.model into job.output; returns the committed manifest."""
-    import ray
-    import ray.data
-
     output = storage.resolve(job.output)
     source = storage.resolve(job.corpus)
 
@@ -112,6 +109,7 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
     else:
         actors = cfg.concurrency or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor))
     actors = min(actors, len(todo))
+
     # Reading + tokenizing and writing are light next to the forward pass: small actor pools that
     # take no CPU reservation (the encoders hold the cores) and grow with the encoders, not with the
     # corpus. Long-lived actors, not tasks: a fixed set of processes, so memory stays flat.

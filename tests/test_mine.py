@@ -115,3 +115,16 @@ def test_the_four_combination_jobs_load(tmp_path):
     distill = load_job(REPO / "jobs" / "full_matryoshka_distill.yaml")
     assert distill.loss.name == "margin_mse" and distill.loss.matryoshka_dims and distill.train.strategy == "full"
     assert load_job(REPO / "jobs" / "lora_matryoshka.yaml").loss.matryoshka_dims == (64, 128, 256, 384)
+
+
+def test_teacher_actor_scores_like_its_model(tiny_model, tiny_teacher):
+    """The scoring actor's code, called directly: a bi-encoder teacher gives scale x cosine, a cross-encoder its logit."""
+    from raykit.score import _Teacher
+
+    batch = {"i": [0, 1], "query": ["pump reset", "valve torque"], "docs": [json.dumps(["a", "b"]), json.dumps(["c", "d", "e"])]}
+    bi = _Teacher(tiny_model, "bi_encoder", 64, 4, scale=20.0)(batch)
+    encoder = Encoder.from_pretrained(tiny_model)
+    q, d = encoder.encode(["valve torque"]), encoder.encode(["c", "d", "e"])
+    assert json.loads(bi["scores"][1]) == pytest.approx((20.0 * (q @ d.T))[0].tolist(), abs=1e-4)
+    cross = _Teacher(tiny_teacher, "cross_encoder", 64, 4, scale=20.0)(batch)
+    assert [len(json.loads(s)) for s in cross["scores"]] == [2, 3]
