@@ -224,6 +224,10 @@ def run(job: JobConfig) -> dict:
 
     # Everything that can be wrong with the input fails here, before a worker starts.
     check_model(job)
+    if job.mine.enabled or (job.loss.distill and job.teacher.model):
+        # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
+        # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
+        connect_ray()
     job = prepare_data(job)
     table = load_training_set(job.data, job.train.seed)
     if job.loss.distill and "positive_score" not in table.column_names:
