@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test bench-train bench-quality bench-embed clean
+.PHONY: install quickstart test bench-train bench-quality bench-embed bench-strategies clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-quality: install
 
 bench-embed: install
 	$(PY) bench/embed_throughput.py
+
+bench-strategies: install
+	$(PY) bench/strategies.py
 
 clean:
 	rm -rf runs .pytest_cache
