@@ -45,7 +45,7 @@ def score(model: str, scifact, cranfield) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default="", help="comma-separated rows to (re)run; default all")
+    parser.add_argument("--only", default="", help="comma-separated rows to (re)run; default all ('report': none)")
     parser.add_argument("--l2sp", type=float, default=0.05, help="train.l2sp for the full_l2sp row")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -80,7 +80,8 @@ def main() -> None:
 def report(r: dict) -> str:
     base = r["base"]
     lines = ["# Strategy combinations: SciFact test nDCG@10 (in domain), Cranfield nDCG@10 (out of domain)", "",
-             "Every model loaded with `SentenceTransformer` and scored on all documents; 2 CPU cores.", "",
+             "Every model loaded with `SentenceTransformer` and scored on all documents; 2 CPU cores. "
+             "`train s` is wall clock with other work sharing the cores: not a throughput figure.", "",
              "| run | " + " | ".join(f"SciFact @{d}" for d in DIMS) + " | Cranfield @384 | Cranfield change | train s |",
              "|---|" + "---:|" * (len(DIMS) + 3)]
     for name, row in r.items():
@@ -102,7 +103,8 @@ def report(r: dict) -> str:
     for name in ("full", "full_l2sp"):
         if name in r:
             lines.append(f"- {name}{' (' + ', '.join(r[name]['overrides']) + ')' if r[name].get('overrides') else ''}: "
-                         f"Cranfield drop {base['cranfield'] - r[name]['cranfield']:+.4f} against the base model; "
+                         f"Cranfield nDCG@10 {r[name]['cranfield'] - base['cranfield']:+.4f} against the base model "
+                         f"(a drop of {max(0.0, base['cranfield'] - r[name]['cranfield']):.4f}); "
                          f"SciFact {s(name) - base['scifact']['384']:+.4f}")
     return "\n".join(lines)
 
