@@ -14,7 +14,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raykit import storage

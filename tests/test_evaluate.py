@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raykit.config import ModelConfig
-from raykit.data import Beir, load_beir
+from raykit.data import load_beir
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate, format_table, score_rankings
 
