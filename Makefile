@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test bench-train bench-quality bench-embed bench-strategies clean
+.PHONY: install quickstart test bench-train bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-embed: install
 
 bench-strategies: install
 	$(PY) bench/strategies.py
+
+bench-sweep: install
+	$(PY) bench/sweep.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,4 +1,4 @@
-"""`raykit train|embed|search|mine|score|plan ...` (and `python -m raykit`)."""
+"""`raykit train|tune|embed|search|mine|score|plan ...` (and `python -m raykit`)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     score = sub.add_parser("score", help="add a teacher's scores to a train job's triplets (for distillation)")
     score.add_argument("job", help="train job YAML with a teacher: section, e.g. jobs/full_matryoshka_distill.yaml")
     score.add_argument("overrides", nargs="*", help="key=value, e.g. teacher.model=cross-encoder/ms-marco-MiniLM-L-6-v2")
+
+    tune = sub.add_parser("tune", help="sweep job fields (LoRA rank, alpha, lr, ...) with Ray Tune; ASHA stops weak trials")
+    tune.add_argument("job", help="train job YAML, e.g. jobs/scifact_lora.yaml")
+    tune.add_argument("space", help="search space YAML, e.g. tune_spaces/lora_rank_alpha_lr.yaml")
+    tune.add_argument("overrides", nargs="*", help="key=value for the job (train.epochs=2) or the sweep (tune.num_samples=20)")
 
     plan = sub.add_parser("plan", help="recommend a strategy for your constraints and write a starting job")
     from raykit.plan import add_arguments
@@ -74,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             job = load_job(args.job, args.overrides)
             triplets = mine(job) if job.mine.enabled else job.data.train
             run(dataclasses.replace(job, data=dataclasses.replace(job.data, train=triplets)), triplets)
+        elif args.command == "tune":
+            from raykit.config import load_job
+            from raykit.space import load_space
+            from raykit.sweep import run
+
+            sweep_items = [o for o in args.overrides if o.startswith("tune.")]
+            job = load_job(args.job, [o for o in args.overrides if not o.startswith("tune.")])
+            run(job, load_space(args.space, job, sweep_items))
         elif args.command == "plan":
             from raykit.plan import main as plan_main
 

@@ -42,10 +42,18 @@ class DataConfig:
     split: str = "train"  # qrels split used for training when `train` is a BEIR folder
     max_examples: int = 0  # 0 = all; otherwise the first N (after a seeded shuffle)
     num_negatives: int = 0  # hard negatives per query to train on (from `negatives`); 0 = all the data has
+    # Validation split (BEIR `train` only): hold out this many training queries (seeded by train.seed);
+    # their pairs leave training, and nDCG@10 on them (`val_ndcg@10`) is reported every
+    # train.eval_every steps and at the end. What `raykit tune` ranks trials by; never the test split.
+    val_queries: int = 0
+    # Documents the validation queries are ranked against: 0 = the whole corpus; N = their judged
+    # documents plus random others up to N (cheaper; higher figures than the full corpus gives).
+    val_corpus: int = 0
 
     def __post_init__(self):
-        if self.num_negatives < 0 or self.max_examples < 0:
-            raise ConfigError("data.num_negatives and data.max_examples: use 0 (all) or more")
+        for name in ("num_negatives", "max_examples", "val_queries", "val_corpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: {getattr(self, name)} is negative; use 0 (off/all) or more")
 
 
 @dataclass(frozen=True)
@@ -311,6 +319,31 @@ class EmbedJob:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The `tune:` section of a search space file (tune_spaces/*.yaml); `tune.KEY=VALUE` on the command line."""
+
+    num_samples: int = 12  # trials
+    searcher: str = "random"  # random | optuna (model-based; needs `pip install optuna`)
+    seed: int = 0  # the searcher's: the same seed samples the same trials
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs (or GPUs) fit at once
+    scheduler: str = "asha"  # asha: stop weak trials at rungs | none: every trial runs to the end
+    grace_period: int = 0  # steps before ASHA may stop a trial; 0 = train.eval_every (the first validation)
+    reduction_factor: float = 3.0  # ASHA keeps the top 1/reduction_factor at each rung
+    metric: str = "val_ndcg@10"  # what trials are ranked by (reported every train.eval_every steps)
+    knee_tolerance: float = 0.005  # the rank curve's knee: the smallest rank within this of the best
+
+    def __post_init__(self):
+        _positive("tune.num_samples", self.num_samples)
+        _choice("tune.searcher", self.searcher, ("random", "optuna"))
+        _choice("tune.scheduler", self.scheduler, ("asha", "none"))
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"tune.reduction_factor: {self.reduction_factor} must be above 1 (e.g. 3)")
+        for name in ("max_concurrent_trials", "grace_period"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"tune.{name}: {getattr(self, name)} is negative; use 0 (auto) or more")
 
 
 def load_job(path: str | Path | None, overrides: list[str] = (), cls=None):

@@ -66,7 +66,14 @@ def load_training_set(cfg: DataConfig, seed: int) -> pa.Table:
         raise DataError("data.train: not set; point it at a BEIR folder or a .jsonl/.parquet file (data.train=PATH)")
     if not storage.exists(cfg.train):
         raise DataError(f"data.train: {cfg.train}: no such file or folder")
-    table = _beir_pairs(cfg.train, cfg.split) if is_beir(cfg.train) else _pair_files(cfg.train, cfg.num_negatives)
+    if is_beir(cfg.train):
+        beir = load_beir(cfg.train, cfg.split)
+        table = _beir_pairs(beir, storage.join(cfg.train, "qrels", cfg.split + ".tsv"), validation_queries(beir, cfg, seed))
+    elif cfg.val_queries:
+        raise DataError(f"data.val_queries: needs data.train to be a BEIR folder (its qrels judge the held-out queries); "
+                        f"{cfg.train} is a pair file. Set data.val_queries=0")
+    else:
+        table = _pair_files(cfg.train, cfg.num_negatives)
     rng = np.random.default_rng(seed)
     table = table.take(rng.permutation(table.num_rows))
     if cfg.max_examples:
@@ -74,15 +81,44 @@ def load_training_set(cfg: DataConfig, seed: int) -> pa.Table:
     return table
 
 
+def load_validation_set(cfg: DataConfig, seed: int) -> Beir | None:
+    """The held-out training queries (data.val_queries) as a BEIR split; None when there are none."""
+    if not cfg.val_queries:
+        return None
+    beir = load_beir(cfg.train, cfg.split)
+    held_out = validation_queries(beir, cfg, seed)
+    qrels = {q: beir.qrels[q] for q in held_out}
+    corpus = beir.corpus
+    if 0 < cfg.val_corpus < len(corpus):
+        judged = {d for docs in qrels.values() for d in docs}
+        others = sorted(set(corpus) - judged)
+        rng = np.random.default_rng(seed)
+        picked = {others[i] for i in rng.permutation(len(others))[: max(0, cfg.val_corpus - len(judged))]}
+        corpus = {d: text for d, text in corpus.items() if d in judged or d in picked}
+    return Beir(corpus=corpus, queries={q: beir.queries[q] for q in qrels}, qrels=qrels)
+
+
+def validation_queries(beir: Beir, cfg: DataConfig, seed: int) -> list[str]:
+    """Which training queries are held out: the first data.val_queries of a seeded permutation."""
+    if not cfg.val_queries:
+        return []
+    ids = sorted(beir.qrels)
+    if cfg.val_queries >= len(ids):
+        raise DataError(f"data.val_queries: {cfg.val_queries} of the {len(ids)} training queries in {cfg.train} "
+                        f"leaves none to train on; hold out fewer (e.g. data.val_queries={max(1, len(ids) // 10)})")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return sorted(ids[i] for i in order[: cfg.val_queries])
+
+
 def text_id(texts) -> np.ndarray:
     return np.array([_hash64(t) for t in texts], dtype=np.int64)
 
 
-def _beir_pairs(path: str, split: str) -> pa.Table:
-    beir = load_beir(path, split)
-    rows = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]
+def _beir_pairs(beir: Beir, qrels_path: str, held_out: list[str]) -> pa.Table:
+    skip = set(held_out)
+    rows = [(q, d) for q, docs in beir.qrels.items() if q not in skip for d, rel in docs.items() if rel > 0]
     if not rows:
-        raise DataError(f"{storage.join(path, 'qrels', split + '.tsv')}: no pair with relevance > 0 to train on")
+        raise DataError(f"{qrels_path}: no pair with relevance > 0 to train on")
     return pa.table(
         {
             "query": [beir.queries[q] for q, _ in rows],

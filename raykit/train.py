@@ -23,7 +23,7 @@ import torch.distributed as dist
 from raykit import report, storage
 from raykit.cluster import connect_ray, raykit_env
 from raykit.config import JobConfig
-from raykit.data import Beir, load_beir, load_training_set, negative_count
+from raykit.data import Beir, load_beir, load_training_set, load_validation_set, negative_count
 from raykit.encoder import Encoder, resolve_model
 from raykit.errors import RaykitError
 from raykit.evaluate import evaluate
@@ -42,6 +42,7 @@ def train_fn_per_worker(config: dict) -> None:
     job: JobConfig = config["job"]
     eval_set: Beir | None = config["eval_set"]
     ood_set: Beir | None = config.get("ood_set")  # out of domain: the forgetting guard
+    val_set: Beir | None = config.get("val_set")  # held-out training queries: what sweeps rank by
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.train.seed)  # same init on every rank; DDP/DeepSpeed also broadcast rank 0's
@@ -81,6 +82,7 @@ def train_fn_per_worker(config: dict) -> None:
     global_batch = job.train.batch_size * world
     step = state["step"]
     window_start, window_steps, started = time.perf_counter(), 0, time.perf_counter()
+    last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         # Same seed per epoch, so a resumed run replays the epoch's order and skips what it did.
@@ -102,8 +104,10 @@ def train_fn_per_worker(config: dict) -> None:
                 # Fault injection for the restart tests: fail once, on a run that did not resume.
                 raise RuntimeError(f"RAYKIT_FAIL_AT_STEP={step}: injected worker failure")
 
-            do_eval = bool(eval_set and job.train.eval_every and step % job.train.eval_every == 0 and step < total_steps)
-            if step % job.train.log_every == 0 or step == total_steps or do_eval:
+            at_eval = bool(job.train.eval_every and step % job.train.eval_every == 0)
+            do_eval = bool(eval_set and at_eval and step < total_steps)  # the final one follows the loop
+            do_val = bool(val_set and (at_eval or step == total_steps))
+            if step % job.train.log_every == 0 or step == total_steps or do_eval or do_val:
                 now = time.perf_counter()
                 pairs_per_s = window_steps * global_batch / (now - window_start)
                 metrics = {
@@ -120,12 +124,17 @@ def train_fn_per_worker(config: dict) -> None:
                     f"step {step}/{total_steps} ({100 * step // total_steps}%) | epoch {epoch + 1} | "
                     f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {pairs_per_s:.1f} pairs/s | eta {_duration(eta)}"
                 )
-                eval_s = 0.0
                 if do_eval:
                     results = run_eval()
                     metrics.update(_flat(results))
-                    eval_s = time.perf_counter() - now
                     log(_eval_line(f"step {step}", results))
+                if do_val:
+                    results = run_eval(val_set)
+                    metrics.update({f"val_{k}": v for k, v in _flat(results).items()})
+                    metrics["val_ndcg@10"] = results[max(results)]["ndcg@10"]  # at the full size
+                    last_val = {k: v for k, v in metrics.items() if k.startswith("val_")}
+                    log(_eval_line(f"step {step} validation", results))
+                eval_s = time.perf_counter() - now
                 state["history"].append(metrics)
                 ray.train.report(metrics)
                 # the next window starts now: report time counts against pairs/s, evaluation time doesn't
@@ -148,7 +157,7 @@ def train_fn_per_worker(config: dict) -> None:
         state["ood_after"] = run_eval(ood_set)
         log(_eval_line("after, out of domain", state["ood_after"]))
     log(f"training took {_duration(time.perf_counter() - started)}; exporting the model")
-    final = {"step": step, "done": True, **(_flat(after) if after else {})}
+    final = {"step": step, "done": True, **last_val, **(_flat(after) if after else {})}
     _report_checkpoint(trainee, state, rank, step, final, export=True, eval_after=after)
 
 
@@ -211,10 +220,7 @@ def _report_checkpoint(trainee, state, rank, step, metrics, export=False, eval_a
 
 def run(job: JobConfig) -> dict:
     """Validate, train on Ray, and write output_dir. Returns the run summary (also run.json)."""
-    import ray
-    import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     output_dir = storage.resolve(job.output_dir)
     summary_path = storage.join(output_dir, "run.json")
@@ -222,49 +228,9 @@ def run(job: JobConfig) -> dict:
         print(f"[raykit] {summary_path} exists: this run is complete. Use another output_dir to train again.")
         return json.loads(storage.read_bytes(summary_path))
 
-    # Everything that can be wrong with the input fails here, before a worker starts.
-    check_model(job)
-    if job.mine.enabled or (job.loss.distill and job.teacher.model):
-        # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
-        # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
-        connect_ray()
-    job = prepare_data(job)
-    table = load_training_set(job.data, job.train.seed)
-    if job.loss.distill and "positive_score" not in table.column_names:
-        raise RaykitError(f"loss.name={job.loss.name}: {job.data.train} has no teacher scores; set teacher.model, or run raykit score")
-    if job.eval.data and not storage.exists(job.eval.data):
-        raise RaykitError(f"eval.data: {job.eval.data}: no such folder; point it at a BEIR folder or set eval.data= to skip")
-    eval_set = load_beir(job.eval.data, job.eval.split) if job.eval.data else None
-    if job.eval.ood_data and not storage.exists(job.eval.ood_data):
-        raise RaykitError(f"eval.ood_data: {job.eval.ood_data}: no such folder; point it at an out-of-domain BEIR folder or set eval.ood_data=")
-    ood_set = load_beir(job.eval.ood_data, job.eval.ood_split) if job.eval.ood_data else None
-    steps_per_epoch, total_steps = schedule_length(table.num_rows, job.scaling.num_workers, job)
-    print(
-        f"[raykit] {table.num_rows} training pairs from {job.data.train} | {job.scaling.num_workers} worker(s) x "
-        f"batch {job.train.batch_size} | {steps_per_epoch} steps/epoch, {total_steps} steps | strategy {job.train.strategy}"
-    )
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
+    job, inputs = prepare(job)
     connect_ray()
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"job": job, "num_rows": table.num_rows, "eval_set": eval_set, "ood_set": ood_set},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=job.scaling.num_workers,
-            use_gpu=job.scaling.use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name="checkpoints",
-            storage_path=output_dir,
-            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
-            # RAYKIT_* settings of the submitting shell reach the workers too
-            worker_runtime_env={"env_vars": env} if (env := raykit_env()) else None,
-        ),
-        datasets={"train": ray.data.from_arrow(table)},
-    )
+    trainer = make_trainer(job, inputs, storage_path=output_dir, name="checkpoints")
     started = time.time()
     try:
         result = trainer.fit()
@@ -291,8 +257,8 @@ def run(job: JobConfig) -> dict:
     summary = {
         "output_dir": output_dir,
         "model": storage.join(output_dir, "model"),
-        "steps": total_steps,
-        "train_pairs": table.num_rows,
+        "steps": schedule_length(inputs["num_rows"], job.scaling.num_workers, job)[1],
+        "train_pairs": inputs["num_rows"],
         "seconds": round(time.time() - started, 1),
         "resumed_from": state.get("resumed_from", []),
         "eval": evaluation,
@@ -303,6 +269,71 @@ def run(job: JobConfig) -> dict:
         print("\n" + report.text(evaluation, job.eval))
     print(f"\n[raykit] model: {summary['model']}  ({summary['seconds']}s)")
     return summary
+
+
+def prepare(job: JobConfig) -> tuple[JobConfig, dict]:
+    """Everything that can be wrong with the input fails here, on the driver, before a worker starts.
+
+    Returns the job (data.train pointing at mined/scored triplets if it asked for them) and the inputs
+    every worker gets: the training table, the evaluation, out-of-domain and validation sets.
+    """
+    check_model(job)
+    if job.mine.enabled or (job.loss.distill and job.teacher.model):
+        # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
+        # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
+        connect_ray()
+    job = prepare_data(job)
+    table = load_training_set(job.data, job.train.seed)
+    if job.loss.distill and "positive_score" not in table.column_names:
+        raise RaykitError(f"loss.name={job.loss.name}: {job.data.train} has no teacher scores; set teacher.model, or run raykit score")
+    if job.eval.data and not storage.exists(job.eval.data):
+        raise RaykitError(f"eval.data: {job.eval.data}: no such folder; point it at a BEIR folder or set eval.data= to skip")
+    if job.eval.ood_data and not storage.exists(job.eval.ood_data):
+        raise RaykitError(f"eval.ood_data: {job.eval.ood_data}: no such folder; point it at an out-of-domain BEIR folder or set eval.ood_data=")
+    inputs = {
+        "table": table,
+        "num_rows": table.num_rows,
+        "eval_set": load_beir(job.eval.data, job.eval.split) if job.eval.data else None,
+        "ood_set": load_beir(job.eval.ood_data, job.eval.ood_split) if job.eval.ood_data else None,
+        "val_set": load_validation_set(job.data, job.train.seed),
+    }
+    steps_per_epoch, total_steps = schedule_length(table.num_rows, job.scaling.num_workers, job)
+    held_out = f" ({job.data.val_queries} queries held out for validation)" if job.data.val_queries else ""
+    print(
+        f"[raykit] {table.num_rows} training pairs from {job.data.train}{held_out} | {job.scaling.num_workers} worker(s) x "
+        f"batch {job.train.batch_size} | {steps_per_epoch} steps/epoch, {total_steps} steps | strategy {job.train.strategy}"
+    )
+    return job, inputs
+
+
+def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, callbacks=()):
+    """The TorchTrainer of one run: `raykit train`'s, or one sweep trial's (with Tune's report callback)."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
+    loop_config = {"job": job, **{k: v for k, v in inputs.items() if k != "table"}}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
+            # RAYKIT_* settings of the submitting shell reach the workers too
+            worker_runtime_env={"env_vars": env} if (env := raykit_env()) else None,
+            callbacks=list(callbacks),
+        ),
+        datasets={"train": ray.data.from_arrow(inputs["table"])},
+    )
 
 
 def prepare_data(job: JobConfig) -> JobConfig:

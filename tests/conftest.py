@@ -96,6 +96,8 @@ def ray_cluster():
     """One local Ray for the whole session (4 logical CPUs: 2 workers plus Ray Data's coordinator)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # With the dashboard: Ray Train's placement-group cleaner reads the State API, and without it the
+    # workers of a sweep trial that Tune stops keep their CPUs.
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True, configure_logging=False)
     yield
     ray.shutdown()

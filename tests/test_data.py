@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raykit.config import DataConfig
-from raykit.data import negative_count, load_beir, load_training_set
+from raykit.data import load_beir, load_training_set, load_validation_set, negative_count
 from raykit.errors import DataError
 
 from conftest import QUICKSTART, upload_dir
@@ -33,6 +33,33 @@ def test_beir_pairs_keep_only_relevant_judgements(tmp_path):
     # the two pairs of q0 share a query id, so the loss won't use one as the other's negative
     q0 = [r["query_id"] for r in table.to_pylist() if r["query"] == "query 0"]
     assert q0[0] == q0[1]
+
+
+def test_validation_split_is_held_out_of_training():
+    cfg = DataConfig(train=str(QUICKSTART), val_queries=30, val_corpus=100)
+    full = load_beir(str(QUICKSTART), "train")
+    val = load_validation_set(cfg, seed=3)
+    assert len(val.queries) == len(val.qrels) == 30 and set(val.qrels) <= set(full.qrels)
+    # none of the held-out queries is trained on
+    trained = set(load_training_set(cfg, seed=3)["query"].to_pylist())
+    assert not trained & {full.queries[q] for q in val.queries}
+    assert len(trained) == len(full.qrels) - 30
+    # the validation corpus: every judged document of those queries plus random others, 100 in all
+    judged = {d for docs in val.qrels.values() for d in docs}
+    assert judged <= set(val.corpus) and len(val.corpus) == 100
+    # the same seed holds out the same queries; val_corpus 0 keeps the whole corpus
+    assert load_validation_set(cfg, seed=3).queries == val.queries
+    assert len(load_validation_set(DataConfig(train=str(QUICKSTART), val_queries=30), seed=3).corpus) == len(full.corpus)
+    assert load_validation_set(DataConfig(train=str(QUICKSTART)), seed=3) is None
+
+
+def test_validation_split_needs_beir_and_queries_left(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    with pytest.raises(DataError, match="data.val_queries: needs data.train to be a BEIR folder"):
+        load_training_set(DataConfig(train=str(pairs), val_queries=5), seed=0)
+    with pytest.raises(DataError, match="leaves none to train on"):
+        load_training_set(DataConfig(train=str(small_beir(tmp_path / "b")), val_queries=3), seed=0)
 
 
 def test_quickstart_data_counts():

@@ -1,0 +1,148 @@
+"""`raykit tune JOB SPACE`: Ray Tune over any job field, trials ranked on held-out training queries.
+
+Each trial is one Ray Train run of the same training code as `raykit train` (the Train V2 pattern:
+a Tune function per trial that builds and fits a TorchTrainer, Train's reports forwarded to Tune by
+TuneReportCallback). The workers report `val_ndcg@10` every train.eval_every steps, so ASHA can stop
+a weak trial at its first rungs instead of after its whole budget. The training data, the validation
+split and the model check are prepared once on the driver and shared by every trial.
+
+output_dir holds tune/ (Tune's experiment: rerunning the command restores it), trials/ (each
+trial's Train run), and what `sweep_report` writes: results.csv/.md, rank_curve.png, lr_curve.png,
+best_job.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from raykit import storage, sweep_report
+from raykit.cluster import connect_ray
+from raykit.config import JobConfig
+from raykit.errors import ConfigError, RaykitError
+from raykit.space import Space, apply
+from raykit.train import make_trainer, prepare, schedule_length
+
+EXPERIMENT = "tune"
+
+
+def trial_job(job: JobConfig, space: Space) -> JobConfig:
+    """What every trial starts from: the job plus the space's fixed: values, test-set evaluation off.
+
+    A sweep must never look at the test split: trials are ranked on data.val_queries alone.
+    """
+    trial = apply(job, space.fixed, f"{space.path}: fixed")
+    if not trial.data.val_queries:
+        raise ConfigError(
+            f"data.val_queries: 0; a sweep ranks trials on training queries held out from training. "
+            f"Set it in {space.path} (fixed: {{data.val_queries: 100}}) or on the command line (data.val_queries=100)"
+        )
+    return apply(trial, {"eval.data": "", "eval.ood_data": "", "eval.before": False}, "sweep")
+
+
+def run(job: JobConfig, space: Space) -> dict:
+    """Run (or resume) the sweep; write the results table, plots and best job. Returns the report."""
+    import ray
+    from ray import tune
+
+    settings = space.settings
+    output_dir = storage.resolve(job.output_dir)
+    base, inputs = prepare(trial_job(job, space))
+    total = schedule_length(inputs["num_rows"], base.scaling.num_workers, base)[1]
+    if not base.train.eval_every:  # four validations per trial: ASHA's rungs need points to compare
+        base = apply(base, {"train.eval_every": max(1, total // 4)}, "sweep")
+    grace = settings.grace_period or base.train.eval_every
+
+    connect_ray()
+    concurrency = settings.max_concurrent_trials or _fits(ray.cluster_resources(), base)
+    # Progress reports between validations carry loss, not val_ndcg@10; ASHA skips those (it needs
+    # both the metric and `step`), so Tune must not insist that every result has the metric.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, space=space, inputs=inputs, trials_dir=storage.join(output_dir, "trials")),
+        # The trial function only drives its TorchTrainer; Train's workers reserve the CPUs and GPUs.
+        # Tune refuses an empty request and Tune's default (1 CPU) would starve a worker that wants
+        # every core, so the trial asks for a token amount of memory: max_concurrent_trials paces it.
+        {"memory": 1},
+    )
+    identity = json.loads(json.dumps({"job": job.to_dict(), "space": space.as_dict()}))  # as stored
+    experiment = storage.join(output_dir, EXPERIMENT)
+    if tune.Tuner.can_restore(experiment):
+        recorded = json.loads(storage.read_bytes(storage.join(output_dir, "sweep.json")))
+        if recorded != identity:
+            raise RaykitError(
+                f"{output_dir} holds a sweep of another job or space ({recorded['space']['path']}); "
+                "use another output_dir, or delete this one to start over"
+            )
+        print(f"[raykit] resuming the sweep in {experiment}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, restart_errored=True,
+                                   param_space=space.param_space())
+    else:
+        storage.write_text(storage.join(output_dir, "sweep.json"), json.dumps(identity, indent=2))
+        print(f"[raykit] sweep: {settings.num_samples} trials of {space.path}, {concurrency} at a time, "
+              f"{total} steps each, validation every {base.train.eval_every} steps, scheduler {settings.scheduler}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=settings.metric,
+                mode="max",
+                num_samples=settings.num_samples,
+                search_alg=_searcher(settings, concurrency),
+                scheduler=_scheduler(settings, total, grace),
+            ),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=output_dir, verbose=1),
+        )
+    grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < settings.num_samples:  # Ctrl-C (or SIGUSR1): Tune saved its state and returned
+        raise RaykitError(
+            f"sweep interrupted after {finished} of {settings.num_samples} trials; its state is in {experiment}: "
+            "rerun the same command to resume"
+        )
+    return sweep_report.write(grid, job, base, space, inputs["num_rows"], output_dir)
+
+
+def _trial(params: dict, base: JobConfig, space: Space, inputs: dict, trials_dir: str) -> None:
+    """One trial: the sampled values applied to the base job, trained by Ray Train, reported to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    job = apply(base, space.values(params, base), f"trial {params}")
+    trial_id = ray.tune.get_context().get_trial_id()
+    # A fixed name per trial: a restored sweep resumes the trial's own Train run from its checkpoints.
+    make_trainer(job, inputs, storage_path=trials_dir, name=trial_id, callbacks=[TuneReportCallback()]).fit()
+
+
+def _fits(resources: dict, job: JobConfig) -> int:
+    if job.scaling.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // job.scaling.num_workers))
+    return max(1, int(resources.get("CPU", 1) // (job.scaling.num_workers * job.scaling.cpus_per_worker)))
+
+
+def _searcher(settings, concurrency: int):
+    """The searcher, limited to `concurrency` live trials (Tune ignores max_concurrent_trials for a
+    BasicVariantGenerator it did not build itself)."""
+    if settings.searcher == "optuna":
+        try:
+            from ray.tune.search import ConcurrencyLimiter
+            from ray.tune.search.optuna import OptunaSearch
+
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.searcher: optuna is not installed; pip install optuna, or use tune.searcher=random") from None
+        return ConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency)
+
+
+def _scheduler(settings, total_steps: int, grace: int):
+    if settings.scheduler == "none":
+        return None  # FIFO: every trial trains to the end
+    from ray.tune.schedulers import ASHAScheduler
+
+    # `step` (optimizer steps), not Tune's training_iteration (one per report), so the rungs mean
+    # the same thing whatever train.log_every is.
+    return ASHAScheduler(time_attr="step", max_t=total_steps, grace_period=min(grace, total_steps),
+                         reduction_factor=settings.reduction_factor)

@@ -1,0 +1,176 @@
+"""`raykit tune`: a real Ray Tune sweep of real Ray Train runs (tiny BERT, quickstart data, 2 CPUs).
+
+The sweep runs once per module; the tests read what it wrote. Then: a sweep interrupted with Ctrl-C
+resumes instead of starting over, and bad spaces fail with one line before any trial starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raykit.cli import main
+
+from conftest import QUICKSTART, REPO
+
+JOB = str(REPO / "jobs" / "quickstart.yaml")
+
+
+def job_overrides(tiny_model, out, *extra):
+    return [
+        f"output_dir={out}",
+        f"model.name={tiny_model}",
+        "model.max_seq_length=32",
+        f"data.train={QUICKSTART}",
+        f"eval.data={QUICKSTART}",
+        "eval.dims=[32]",
+        "train.batch_size=16",
+        "train.max_steps=16",
+        "train.log_every=4",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1",
+        *extra,
+    ]
+
+
+def write_space(path: Path, space: dict, **tune) -> str:
+    doc = {
+        "space": space,
+        "fixed": {"data.val_queries": 40, "data.val_corpus": 200, "train.eval_every": 4},
+        "tune": {"num_samples": 4, "seed": 0, "grace_period": 4, "reduction_factor": 2, "max_concurrent_trials": 1, **tune},
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+# Learning rates far apart: a trial at 1e-6 learns nothing in 16 steps, so ASHA has something to stop.
+SPACE = {"lora.rank": {"choice": [2, 4, 8]}, "lora.alpha": {"per_rank": [1, 2]}, "train.lr": {"choice": [5.0e-2, 1.0e-6]}}
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tiny_model, tmp_path_factory):
+    import ray
+
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    space = write_space(out.parent / "space.yaml", SPACE)
+    assert main(["tune", JOB, space, *job_overrides(tiny_model, out)]) == 0
+    # Trials ASHA stopped gave their workers' CPUs back (Ray Train's placement-group cleaner): a
+    # leak would starve the next trial on a small cluster.
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    return out
+
+
+def test_sweep_table_and_early_stopping(sweep):
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"complete", "stopped early"}
+    # ASHA stopped at least one trial at a rung, before its 12-step budget
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(int(r["steps"]) in (4, 8) and int(r["budget"]) == 16 for r in stopped)
+    assert any(int(r["steps"]) == 16 for r in rows)
+    for r in rows:  # alpha is sampled as a multiple of rank
+        assert float(r["lora.alpha"]) / int(r["lora.rank"]) in (1.0, 2.0)
+    assert 0 <= float(rows[0]["val_ndcg@10"]) <= 1
+    result = json.loads((sweep / "sweep_result.json").read_text())
+    assert result["steps_run"] == sum(int(r["steps"]) for r in rows) < result["steps_budget"] == 64
+    assert result["knee"] in {2, 4, 8}
+    md = (sweep / "results.md").read_text()
+    assert "| trial | lora.rank | lora.alpha | train.lr |" in md and "knee at rank" in md
+    for plot in ("rank_curve.png", "lr_curve.png"):
+        assert (sweep / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trials_never_see_the_test_split(sweep):
+    # trials run with evaluation off: no test-set figure in any trial's results
+    for result in (sweep / "tune").glob("*/result.json"):
+        for line in result.read_text().splitlines():
+            keys = json.loads(line)
+            assert not any(k.startswith("ndcg@10") for k in keys), keys
+
+
+def test_best_job_runs_with_the_jobs_own_budget(sweep, tiny_model):
+    best = yaml.safe_load((sweep / "best_job.yaml").read_text())
+    rows = list(csv.DictReader((sweep / "results.csv").open()))
+    assert best["lora"]["rank"] == int(rows[0]["lora.rank"]) and best["train"]["lr"] == float(rows[0]["train.lr"])
+    # the job's own settings, not the sweep's fixed: ones
+    assert best["data"]["val_queries"] == 0 and best["eval"]["data"] == str(QUICKSTART)
+    assert main(["train", str(sweep / "best_job.yaml")]) == 0
+    summary = json.loads((sweep / "best" / "run.json").read_text())
+    assert summary["steps"] == 16 and summary["eval"]["after"]["32"]["ndcg@10"] > 0
+    assert (sweep / "best" / "model" / "model.safetensors").is_file()
+
+
+def test_interrupted_sweep_resumes(ray_cluster, tiny_model, tmp_path):
+    import ray
+
+    out = tmp_path / "out"
+    space = write_space(tmp_path / "space.yaml", {"lora.rank": {"choice": [2, 4]}}, scheduler="none", num_samples=3)
+    cmd = [sys.executable, "-m", "raykit", "tune", JOB, space, *job_overrides(tiny_model, out)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the session's Ray
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not _finished_trials(out):
+        time.sleep(1)
+    assert _finished_trials(out), "no trial finished"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, log[-3000:]
+    assert "rerun the same command to resume" in log, log[-3000:]
+    first = _finished_trials(out)
+    assert len(first) < 3
+
+    assert main(["tune", JOB, space, *job_overrides(tiny_model, out)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 and all(r["status"] == "complete" for r in rows)
+    for trial in first:  # finished trials were not trained again
+        assert _finished_trials(out)[trial] == first[trial]
+
+
+def _finished_trials(out: Path) -> dict[str, int]:
+    """trial dir -> reports in its result.json, for trials whose last report says done."""
+    done = {}
+    for result in (out / "tune").glob("*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("done"):
+            done[result.parent.name] = len(lines)
+    return done
+
+
+@pytest.mark.parametrize(
+    "space, fixed, message",
+    [
+        ({"lora.rnk": {"choice": [4, 8]}}, None, "unknown key 'lora.rnk' (did you mean 'lora.rank'?)"),
+        ({"lora.rank": {"choice": []}}, None, "space.lora.rank: choice needs a non-empty list"),
+        ({"train.lr": {"loguniform": [1.0e-3, 1.0e-4]}}, None, "low 0.001 is above high 0.0001"),
+        ({"train.lr": {"loguniform": [0, 1.0e-3]}}, None, "loguniform needs low > 0"),
+        ({"lora.rank": {"choice": ["big"]}}, None, "'lora.rank' must be int, got str 'big'"),
+        ({"data.max_examples": {"choice": [10]}}, None, "data is read once for the whole sweep"),
+        ({"train.batch_size": {"grid": [8]}}, None, "expected one of {choice: ...}"),
+        ({"lora.rank": {"choice": [4]}}, {"data.val_queries": 0}, "data.val_queries: 0; a sweep ranks trials"),
+        ({"lora.rank": {"choice": [4]}}, {"data.val_queries": 10000}, "leaves none to train on"),
+    ],
+)
+def test_bad_space_is_one_line_before_any_trial(tiny_model, tmp_path, space, fixed, message):
+    out = tmp_path / "out"
+    doc = {"space": space, "fixed": fixed if fixed is not None else {"data.val_queries": 20}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "raykit", "tune", JOB, str(tmp_path / "space.yaml"), *job_overrides(tiny_model, out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("raykit: error: ") and message in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
