@@ -89,7 +89,7 @@ def load_scifact():
 
 
 def report(r: dict, keys: list[str]) -> str:
-    lines = [f"# Sweep: ASHA vs every configuration trained to the end (SciFact, `python bench/sweep.py`)", "",
+    lines = ["# Sweep: ASHA vs every configuration trained to the end (SciFact, `python bench/sweep.py`)", "",
              f"`raykit tune {JOB} {SPACE}`: 12 trials, validation = 100 training queries held out, 2 CPU cores.", "",
              "| " + " | ".join(keys) + f" | ASHA steps | ASHA {METRIC} | full steps | full {METRIC} |",
              "|" + "---:|" * (len(keys) + 4)]

@@ -355,21 +355,28 @@ def load_job(path: str | Path | None, overrides: list[str] = (), cls=None):
     where = str(path) if path else "defaults"
     raw: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such job file; pass the path to a YAML job, e.g. jobs/quickstart.yaml")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, train:, ...)")
+        raw = read_yaml(path, "no such job file; pass the path to a YAML job, e.g. jobs/quickstart.yaml",
+                        "the top level must be a mapping of sections (model:, train:, ...)")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
         _set_path(raw, key.strip().split("."), _parse_value(text))
     return build(cls, raw, where)
+
+
+def read_yaml(path: str | Path, missing: str, not_mapping: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; `missing` and `not_mapping` finish the error lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {missing}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: {not_mapping}")
+    return raw
 
 
 def build(cls, raw: Any, where: str, prefix: str = ""):

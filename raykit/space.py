@@ -1,7 +1,7 @@
 """Search spaces (tune_spaces/*.yaml): which job fields a sweep varies, and how.
 
     space:                                  # job fields by key path
-      lora.rank: {choice: [4, 8, 16, 32]}
+      lora.rank: {choice: [4, 8, 16, 32]}   # sampled; {grid: [...]}: every value, num_samples times each
       lora.alpha: {per_rank: [1, 2, 4]}     # alpha = rank x one of these (LoRA's scale is alpha/rank)
       train.lr: {loguniform: [1.0e-4, 3.0e-3]}
       lora.dropout: {uniform: [0.0, 0.1]}
@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raykit.config import JobConfig, SweepConfig, _parse_value, _set_path, build
+from raykit.config import JobConfig, SweepConfig, _parse_value, _set_path, build, read_yaml
 from raykit.errors import ConfigError
 
-KINDS = ("choice", "per_rank", "uniform", "loguniform")
+KINDS = ("choice", "grid", "per_rank", "uniform", "loguniform")
 # Read once on the driver for the whole sweep, or not part of a trial at all.
 NOT_PER_TRIAL = ("data.", "mine.", "teacher.", "eval.", "output_dir")
 
@@ -45,6 +43,8 @@ class Dimension:
     def domain(self):
         from ray import tune
 
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
         if self.kind in ("choice", "per_rank"):
             return tune.choice(list(self.values))
         low, high = self.values
@@ -57,6 +57,15 @@ class Space:
     dimensions: tuple[Dimension, ...]
     fixed: dict[str, Any] = field(default_factory=dict)
     settings: SweepConfig = field(default_factory=SweepConfig)
+
+    @property
+    def num_trials(self) -> int:
+        """num_samples, times every grid's size (Tune repeats the grid num_samples times)."""
+        n = self.settings.num_samples
+        for d in self.dimensions:
+            if d.kind == "grid":
+                n *= len(d.values)
+        return n
 
     def param_space(self) -> dict:
         return {d.param: d.domain() for d in self.dimensions}
@@ -85,15 +94,10 @@ def apply(job: JobConfig, values: dict[str, Any], where: str) -> JobConfig:
 def load_space(path: str, job: JobConfig, overrides: list[str] = ()) -> Space:
     """Read and check a space file; `overrides` are `tune.KEY=VALUE` items for its tune: section."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such search space file; pass one from tune_spaces/, e.g. tune_spaces/lora_rank_alpha_lr.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict) or set(raw) - {"space", "fixed", "tune"}:
-        extra = sorted(set(raw) - {"space", "fixed", "tune"}) if isinstance(raw, dict) else []
-        raise ConfigError(f"{p}: the top level holds space:, fixed: and tune: only{f' (found {extra})' if extra else ''}")
+    only = "the top level holds space:, fixed: and tune: only"
+    raw = read_yaml(p, "no such search space file; pass one from tune_spaces/, e.g. tune_spaces/lora_rank_alpha_lr.yaml", only)
+    if set(raw) - {"space", "fixed", "tune"}:
+        raise ConfigError(f"{p}: {only} (found {sorted(set(raw) - {'space', 'fixed', 'tune'})})")
     settings_raw = dict(raw.get("tune") or {})
     for item in overrides:
         key, _, text = item.partition("=")
@@ -103,14 +107,16 @@ def load_space(path: str, job: JobConfig, overrides: list[str] = ()) -> Space:
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{p}: fixed: must map key paths to values, e.g. data.val_queries: 100")
-    apply(job, fixed, f"{p}: fixed")
+    trial = apply(job, fixed, f"{p}: fixed")
 
     entries = raw.get("space") or {}
     if not isinstance(entries, dict) or not entries:
         raise ConfigError(f"{p}: space: is empty; give at least one key path, e.g. lora.rank: {{choice: [8, 16, 32]}}")
     dims = tuple(_dimension(str(p), key, spec) for key, spec in entries.items())
     space = Space(path=str(p), dimensions=dims, fixed=dict(fixed), settings=settings)
-    _check_values(space, apply(job, fixed, f"{p}: fixed"))
+    if settings.searcher == "optuna" and any(d.kind == "grid" for d in dims):
+        raise ConfigError(f"{p}: grid: needs tune.searcher=random (Optuna samples; it does not walk a grid); use choice:")
+    _check_values(space, trial)
     return space
 
 
@@ -123,7 +129,7 @@ def _dimension(where: str, key: str, spec: Any) -> Dimension:
         raise ConfigError(f"{here}: expected one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}, got {spec!r}")
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
-        raise ConfigError(f"{here}: {kind} needs a non-empty list, e.g. {{{kind}: {'[8, 16, 32]' if kind in ('choice', 'per_rank') else '[1.0e-4, 1.0e-3]'}}}")
+        raise ConfigError(f"{here}: {kind} needs a non-empty list, e.g. {{{kind}: {'[1.0e-4, 1.0e-3]' if 'uniform' in kind else '[8, 16, 32]'}}}")
     if kind == "per_rank" and key != "lora.alpha":
         raise ConfigError(f"{here}: per_rank applies to lora.alpha only (alpha = rank x multiple)")
     if kind in ("uniform", "loguniform"):
@@ -140,7 +146,7 @@ def _dimension(where: str, key: str, spec: Any) -> Dimension:
 
 def _check_values(space: Space, job: JobConfig) -> None:
     """Build a job from every option (and both ends of every range): a type or range error shows now."""
-    ranks = next((d.values for d in space.dimensions if d.key == "lora.rank" and d.kind == "choice"), (job.lora.rank,))
+    ranks = next((d.values for d in space.dimensions if d.key == "lora.rank" and d.kind in ("choice", "grid")), (job.lora.rank,))
     for d in space.dimensions:
         where = f"{space.path}: space.{d.key}"
         if d.kind == "per_rank":

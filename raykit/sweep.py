@@ -79,7 +79,7 @@ def run(job: JobConfig, space: Space) -> dict:
                                    param_space=space.param_space())
     else:
         storage.write_text(storage.join(output_dir, "sweep.json"), json.dumps(identity, indent=2))
-        print(f"[raykit] sweep: {settings.num_samples} trials of {space.path}, {concurrency} at a time, "
+        print(f"[raykit] sweep: {space.num_trials} trials of {space.path}, {concurrency} at a time, "
               f"{total} steps each, validation every {base.train.eval_every} steps, scheduler {settings.scheduler}")
         tuner = tune.Tuner(
             trainable,
@@ -95,9 +95,9 @@ def run(job: JobConfig, space: Space) -> dict:
         )
     grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors
-    if finished < settings.num_samples:  # Ctrl-C (or SIGUSR1): Tune saved its state and returned
+    if finished < space.num_trials:  # Ctrl-C (or SIGUSR1): Tune saved its state and returned
         raise RaykitError(
-            f"sweep interrupted after {finished} of {settings.num_samples} trials; its state is in {experiment}: "
+            f"sweep interrupted after {finished} of {space.num_trials} trials; its state is in {experiment}: "
             "rerun the same command to resume"
         )
     return sweep_report.write(grid, job, base, space, inputs["num_rows"], output_dir)

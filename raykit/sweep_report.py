@@ -114,7 +114,7 @@ def best_job_yaml(job: JobConfig, best: dict, keys: list[str], space: Space, out
     """The job as given (its own budget and evaluation), with the best trial's values: runnable as is."""
     values = {k: best[k] for k in keys}
     final = apply(job, {**values, "output_dir": storage.join(output_dir, "best")}, "best job")
-    header = (f"# Best of {space.settings.num_samples} trials of {space.path} "
+    header = (f"# Best of {space.num_trials} trials of {space.path} "
               f"({space.settings.metric} {best[space.settings.metric]:.4f}): "
               + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
               + f"\n#   raykit train {storage.join(output_dir, 'best_job.yaml')}\n")
@@ -135,14 +135,18 @@ def write_plots(rows: list[dict], curve: dict, knee, metric: str, output_dir: st
                                  ("train.lr", "lr_curve.png", f"{metric} against learning rate")):
             if not any(key in r for r in scored):
                 continue
-            fig, ax = plt.subplots(figsize=(6, 4))
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            colored = None
             for done, label in ((True, "trained to the end"), (False, "stopped early")):
                 pts = [r for r in scored if (r["status"] == "complete") == done]
                 if pts:
                     style = ({"c": [r["lora.rank"] for r in pts], "cmap": "viridis"}
                              if key == "train.lr" and all("lora.rank" in r for r in pts) else {"color": "tab:blue"})
-                    ax.scatter([r[key] for r in pts], [r[metric] for r in pts], marker="o" if done else "x",
-                               label=label, zorder=3, **style)
+                    handle = ax.scatter([r[key] for r in pts], [r[metric] for r in pts], marker="o" if done else "x",
+                                        label=label, zorder=3, **style)
+                    colored = handle if "c" in style else colored
+            if colored is not None:
+                fig.colorbar(colored, ax=ax, label="lora.rank")
             if key == "lora.rank" and curve:
                 ax.plot(list(curve), list(curve.values()), "-", color="tab:gray", label="best per rank", zorder=2)
                 ax.axvline(knee, color="tab:red", ls="--", label=f"knee: rank {knee}")

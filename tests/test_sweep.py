@@ -21,25 +21,15 @@ import yaml
 from raykit.cli import main
 
 from conftest import QUICKSTART, REPO
+from test_train import overrides as train_overrides
 
 JOB = str(REPO / "jobs" / "quickstart.yaml")
 
 
 def job_overrides(tiny_model, out, *extra):
-    return [
-        f"output_dir={out}",
-        f"model.name={tiny_model}",
-        "model.max_seq_length=32",
-        f"data.train={QUICKSTART}",
-        f"eval.data={QUICKSTART}",
-        "eval.dims=[32]",
-        "train.batch_size=16",
-        "train.max_steps=16",
-        "train.log_every=4",
-        "scaling.num_workers=1",
-        "scaling.cpus_per_worker=1",
-        *extra,
-    ]
+    # test_train's run (tiny BERT, quickstart data), on one worker with a 16-step budget
+    return train_overrides(tiny_model, out, "eval.dims=[32]", "train.batch_size=16", "train.max_steps=16",
+                           "train.log_every=4", "scaling.num_workers=1", *extra)
 
 
 def write_space(path: Path, space: dict, **tune) -> str:
@@ -116,7 +106,7 @@ def test_interrupted_sweep_resumes(ray_cluster, tiny_model, tmp_path):
     import ray
 
     out = tmp_path / "out"
-    space = write_space(tmp_path / "space.yaml", {"lora.rank": {"choice": [2, 4]}}, scheduler="none", num_samples=3)
+    space = write_space(tmp_path / "space.yaml", {"lora.rank": {"choice": [2, 4]}}, scheduler="none", num_samples=2)
     cmd = [sys.executable, "-m", "raykit", "tune", JOB, space, *job_overrides(tiny_model, out)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the session's Ray
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -129,11 +119,11 @@ def test_interrupted_sweep_resumes(ray_cluster, tiny_model, tmp_path):
     assert proc.returncode != 0, log[-3000:]
     assert "rerun the same command to resume" in log, log[-3000:]
     first = _finished_trials(out)
-    assert len(first) < 3
+    assert len(first) == 1
 
     assert main(["tune", JOB, space, *job_overrides(tiny_model, out)]) == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 3 and all(r["status"] == "complete" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows)
     for trial in first:  # finished trials were not trained again
         assert _finished_trials(out)[trial] == first[trial]
 
@@ -157,7 +147,7 @@ def _finished_trials(out: Path) -> dict[str, int]:
         ({"train.lr": {"loguniform": [0, 1.0e-3]}}, None, "loguniform needs low > 0"),
         ({"lora.rank": {"choice": ["big"]}}, None, "'lora.rank' must be int, got str 'big'"),
         ({"data.max_examples": {"choice": [10]}}, None, "data is read once for the whole sweep"),
-        ({"train.batch_size": {"grid": [8]}}, None, "expected one of {choice: ...}"),
+        ({"train.batch_size": {"range": [8]}}, None, "expected one of {choice: ...}"),
         ({"lora.rank": {"choice": [4]}}, {"data.val_queries": 0}, "data.val_queries: 0; a sweep ranks trials"),
         ({"lora.rank": {"choice": [4]}}, {"data.val_queries": 10000}, "leaves none to train on"),
     ],
@@ -174,3 +164,28 @@ def test_bad_space_is_one_line_before_any_trial(tiny_model, tmp_path, space, fix
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("raykit: error: ") and message in err[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_optuna_searcher_needs_its_library(monkeypatch):
+    from raykit.config import SweepConfig
+    from raykit.errors import ConfigError
+    from raykit.sweep import _searcher
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as on a machine without it
+    with pytest.raises(ConfigError, match="tune.searcher: optuna is not installed; pip install optuna"):
+        _searcher(SweepConfig(searcher="optuna"), 1)
+    assert _searcher(SweepConfig(), 2).max_concurrent == 2  # random search, paced
+
+
+def test_shipped_spaces_load_against_their_job():
+    from raykit.config import load_job
+    from raykit.space import load_space
+
+    job = load_job(str(REPO / "jobs" / "scifact_lora.yaml"))
+    sweep = load_space(str(REPO / "tune_spaces" / "lora_rank_alpha_lr.yaml"), job, ["tune.num_samples=20"])
+    assert sweep.num_trials == 20 and sweep.settings.scheduler == "asha"
+    assert sweep.values({"lora.rank": 8, "lora.alpha_per_rank": 4, "train.lr": 1e-3}, job) == {
+        "lora.rank": 8, "lora.alpha": 32.0, "train.lr": 1e-3}
+    curve = load_space(str(REPO / "tune_spaces" / "lora_rank_curve.yaml"), job)
+    assert curve.num_trials == 5 and curve.settings.scheduler == "none"  # a grid: each rank once
+    assert curve.values({"lora.rank": 64, "lora.alpha_per_rank": 2}, job)["lora.alpha"] == 128.0
