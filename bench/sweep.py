@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,11 +47,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--rerun-defaults", action="store_true", help="train jobs/scifact_lora.yaml again instead of reading its figure")
+    parser.add_argument("--report", action="store_true", help="rewrite sweep.md from sweep.json; run nothing")
     args = parser.parse_args()
+    if args.report:
+        result = json.loads((RESULTS / "sweep.json").read_text())
+        keys = [k for k in result["trials"][0] if not k.startswith(("asha_", "full_"))]
+        save("sweep", result, report(result, keys))
+        return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="raykit-sweep-"))
 
     asha = tune(work / "asha")
     full = tune(work / "full", "tune.scheduler=none")
+    for plot in ("rank_curve.png", "lr_curve.png"):  # the curves with every trial trained to the end
+        shutil.copy(work / "full" / plot, RESULTS / f"sweep_{plot}")
     keys = [k for k in asha[0] if k not in ("trial", "steps", "budget", METRIC, "best_step", "status", "error")]
     for a, f in zip(asha, full):
         assert [a[k] for k in keys] == [f[k] for k in keys], f"the two sweeps sampled different trials: {a} vs {f}"
@@ -88,20 +97,30 @@ def load_scifact():
     return load_beir(str(SCIFACT), "test")
 
 
+def fmt(value) -> str:
+    from raykit.sweep_report import _fmt
+
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return _fmt(int(number) if number.is_integer() else number)
+
+
 def report(r: dict, keys: list[str]) -> str:
     lines = ["# Sweep: ASHA vs every configuration trained to the end (SciFact, `python bench/sweep.py`)", "",
              f"`raykit tune {JOB} {SPACE}`: 12 trials, validation = 100 training queries held out, 2 CPU cores.", "",
              "| " + " | ".join(keys) + f" | ASHA steps | ASHA {METRIC} | full steps | full {METRIC} |",
              "|" + "---:|" * (len(keys) + 4)]
     for t in r["trials"]:
-        lines.append("| " + " | ".join(str(t[k]) for k in keys)
+        lines.append("| " + " | ".join(fmt(t[k]) for k in keys)
                      + f" | {t['asha_steps']} | {t['asha_' + METRIC]:.4f} | {t['full_steps']} | {t['full_' + METRIC]:.4f} |")
     gap = r["best_full_val"] - r["pick_full_val"]
     lines += [
         "",
-        f"- ASHA's pick ({', '.join(f'{k}={v}' for k, v in r['pick'].items())}) reaches {METRIC} "
+        f"- ASHA's pick ({', '.join(f'{k}={fmt(v)}' for k, v in r['pick'].items())}) reaches {METRIC} "
         f"**{r['pick_full_val']:.4f}** trained to the end; the best of the 12 is **{r['best_full_val']:.4f}** "
-        f"({', '.join(f'{k}={v}' for k, v in r['best'].items())}): {gap:.4f} apart.",
+        f"({', '.join(f'{k}={fmt(v)}' for k, v in r['best'].items())}): {gap:.4f} apart.",
         f"- ASHA ran **{r['steps_asha']}** training steps, the 12 full runs **{r['steps_full']}**: "
         f"**{100 * r['steps_asha'] / r['steps_full']:.0f}%**.",
         f"- The pick, trained with {JOB}'s budget (best_job.yaml): SciFact test nDCG@10 **{r['pick_test']:.4f}** "
