@@ -6,7 +6,7 @@ Runs, each as `raykit train` (its own local Ray), in-run evaluation off; every f
 loaded with `SentenceTransformer` and scored on SciFact test (5,183 docs, 300 queries) at 64/128/256/384
 dims and on Cranfield (1,398 docs, 225 queries):
 - lora_inbatch, lora_hardneg_mnr (mines with the base model first), lora_matryoshka: the jobs as
-  shipped (LoRA r16, 3 epochs, lr 1e-3);
+  shipped (LoRA r16, lr 1e-3; 3 epochs, lora_matryoshka 6 with prefix weights 12/2/1/1);
 - full, full_l2sp: jobs/scifact_full.yaml (ZeRO-2, 2 workers, lr 1e-4, 3 epochs) without and with
   train.l2sp: the forgetting check.
 Results accumulate in bench/results/strategies.json, so `--only` reruns one row.

@@ -94,8 +94,10 @@ def run(job: JobConfig, space: Space) -> dict:
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=output_dir, verbose=1),
         )
     grid = tuner.fit()
-    finished = grid.num_terminated + grid.num_errors
-    if finished < space.num_trials:  # Ctrl-C (or SIGUSR1): Tune saved its state and returned
+    # A trial Tune stopped on Ctrl-C (or SIGUSR1) counts as terminated; only a finished or
+    # ASHA-stopped trial's last result says done.
+    finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done"))
+    if finished < space.num_trials:  # interrupted: Tune saved its state and returned
         raise RaykitError(
             f"sweep interrupted after {finished} of {space.num_trials} trials; its state is in {experiment}: "
             "rerun the same command to resume"
