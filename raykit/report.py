@@ -9,8 +9,8 @@ Two failure modes show only when you look for them, so every run looks:
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 
 from raykit import storage
 from raykit.config import EvalConfig
@@ -71,52 +71,53 @@ def write_plots(evaluation: dict, cfg: EvalConfig, output_dir: str) -> list[str]
     import matplotlib.pyplot as plt
 
     written = []
-    with tempfile.TemporaryDirectory() as tmp:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("before", "in domain, before", "--"), ("after", "in domain, after", "-"),
+                              ("ood_before", "out of domain, before", "--"), ("ood_after", "out of domain, after", "-")):
+        results = _by_dim(evaluation.get(key))
+        if results:
+            dims = sorted(results)
+            ax.plot(dims, [results[d][METRIC] for d in dims], style, marker="o", label=label,
+                    color="tab:blue" if not key.startswith("ood") else "tab:orange")
+    ax.set_xscale("log", base=2)
+    dims = sorted(_by_dim(evaluation["after"]))
+    ax.set_xticks(dims, [str(d) for d in dims])
+    ax.set_xlabel("embedding dims (Matryoshka prefix)")
+    ax.set_ylabel("nDCG@10")
+    ax.set_title("nDCG@10 at every served dim")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    written.append(save_png(fig, storage.join(output_dir, "ndcg_by_dim.png")))
+
+    if evaluation.get("ood_after"):
+        full = max(_by_dim(evaluation["after"]))
+        groups = [(f"in domain\n{os.path.basename(str(cfg.data).rstrip('/'))}", "before", "after"),
+                  (f"out of domain\n{os.path.basename(str(cfg.ood_data).rstrip('/'))}", "ood_before", "ood_after")]
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label, style in (("before", "in domain, before", "--"), ("after", "in domain, after", "-"),
-                                  ("ood_before", "out of domain, before", "--"), ("ood_after", "out of domain, after", "-")):
-            results = _by_dim(evaluation.get(key))
-            if results:
-                dims = sorted(results)
-                ax.plot(dims, [results[d][METRIC] for d in dims], style, marker="o", label=label,
-                        color="tab:blue" if not key.startswith("ood") else "tab:orange")
-        ax.set_xscale("log", base=2)
-        dims = sorted(_by_dim(evaluation["after"]))
-        ax.set_xticks(dims, [str(d) for d in dims])
-        ax.set_xlabel("embedding dims (Matryoshka prefix)")
-        ax.set_ylabel("nDCG@10")
-        ax.set_title("nDCG@10 at every served dim")
-        ax.grid(alpha=0.3)
+        for i, (label, b, a) in enumerate(groups):
+            for j, (key, name) in enumerate(((b, "before"), (a, "after"))):
+                results = _by_dim(evaluation.get(key))
+                if results:
+                    value = results[max(results)][METRIC]
+                    ax.bar(i + (j - 0.5) * 0.38, value, width=0.36, color=("tab:gray", "tab:green")[j],
+                           label=name if i == 0 else None)
+                    ax.text(i + (j - 0.5) * 0.38, value, f"{value:.3f}", ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(groups)), [g[0] for g in groups])
+        ax.set_ylabel(f"nDCG@10 at {full} dims")
+        ax.set_title("forgetting check: before vs after fine-tuning")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(tmp, "ndcg_by_dim.png"), dpi=120)
-        plt.close(fig)
-        names = ["ndcg_by_dim.png"]
-
-        if evaluation.get("ood_after"):
-            full = max(_by_dim(evaluation["after"]))
-            groups = [(f"in domain\n{os.path.basename(str(cfg.data).rstrip('/'))}", "before", "after"),
-                      (f"out of domain\n{os.path.basename(str(cfg.ood_data).rstrip('/'))}", "ood_before", "ood_after")]
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for i, (label, b, a) in enumerate(groups):
-                for j, (key, name) in enumerate(((b, "before"), (a, "after"))):
-                    results = _by_dim(evaluation.get(key))
-                    if results:
-                        value = results[max(results)][METRIC]
-                        ax.bar(i + (j - 0.5) * 0.38, value, width=0.36, color=("tab:gray", "tab:green")[j],
-                               label=name if i == 0 else None)
-                        ax.text(i + (j - 0.5) * 0.38, value, f"{value:.3f}", ha="center", va="bottom", fontsize=9)
-            ax.set_xticks(range(len(groups)), [g[0] for g in groups])
-            ax.set_ylabel(f"nDCG@10 at {full} dims")
-            ax.set_title("forgetting check: before vs after fine-tuning")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(tmp, "forgetting.png"), dpi=120)
-            plt.close(fig)
-            names.append("forgetting.png")
-
-        for name in names:
-            target = storage.join(output_dir, name)
-            storage.write_bytes(target, open(os.path.join(tmp, name), "rb").read())
-            written.append(target)
+        written.append(save_png(fig, storage.join(output_dir, "forgetting.png")))
     return written
+
+
+def save_png(fig, target: str) -> str:
+    """Write a matplotlib figure to a local path or s3:// URI as PNG, and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    storage.write_bytes(target, buf.getvalue())
+    return target

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
-import tempfile
 
 import yaml
 
 from raykit import storage
 from raykit.config import JobConfig
 from raykit.errors import RaykitError
+from raykit.report import save_png
 from raykit.space import Space, apply
 from raykit.train import schedule_length
 
@@ -130,41 +131,36 @@ def write_plots(rows: list[dict], curve: dict, knee, metric: str, output_dir: st
 
     scored = [r for r in rows if not math.isnan(r[metric])]
     written = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, name, title in (("lora.rank", "rank_curve.png", f"{metric} against LoRA rank"),
-                                 ("train.lr", "lr_curve.png", f"{metric} against learning rate")):
-            if not any(key in r for r in scored):
-                continue
-            fig, ax = plt.subplots(figsize=(6.5, 4))
-            colored = None
-            for done, label in ((True, "trained to the end"), (False, "stopped early")):
-                pts = [r for r in scored if (r["status"] == "complete") == done]
-                if pts:
-                    style = ({"c": [r["lora.rank"] for r in pts], "cmap": "viridis"}
-                             if key == "train.lr" and all("lora.rank" in r for r in pts) else {"color": "tab:blue"})
-                    handle = ax.scatter([r[key] for r in pts], [r[metric] for r in pts], marker="o" if done else "x",
-                                        label=label, zorder=3, **style)
-                    colored = handle if "c" in style else colored
-            if colored is not None:
-                fig.colorbar(colored, ax=ax, label="lora.rank")
-            if key == "lora.rank" and curve:
-                ax.plot(list(curve), list(curve.values()), "-", color="tab:gray", label="best per rank", zorder=2)
-                ax.axvline(knee, color="tab:red", ls="--", label=f"knee: rank {knee}")
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(list(curve), [str(r) for r in curve])
-            else:
-                ax.set_xscale("log")
-            ax.set_xlabel(key)
-            ax.set_ylabel(f"{metric} (validation)")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(os.path.join(tmp, name), dpi=120)
-            plt.close(fig)
-            target = storage.join(output_dir, name)
-            storage.write_bytes(target, open(os.path.join(tmp, name), "rb").read())
-            written.append(target)
+    for key, name, title in (("lora.rank", "rank_curve.png", f"{metric} against LoRA rank"),
+                             ("train.lr", "lr_curve.png", f"{metric} against learning rate")):
+        if not any(key in r for r in scored):
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        colored = None
+        for done, label in ((True, "trained to the end"), (False, "stopped early")):
+            pts = [r for r in scored if (r["status"] == "complete") == done]
+            if pts:
+                style = ({"c": [r["lora.rank"] for r in pts], "cmap": "viridis"}
+                         if key == "train.lr" and all("lora.rank" in r for r in pts) else {"color": "tab:blue"})
+                handle = ax.scatter([r[key] for r in pts], [r[metric] for r in pts], marker="o" if done else "x",
+                                    label=label, zorder=3, **style)
+                colored = handle if "c" in style else colored
+        if colored is not None:
+            fig.colorbar(colored, ax=ax, label="lora.rank")
+        if key == "lora.rank" and curve:
+            ax.plot(list(curve), list(curve.values()), "-", color="tab:gray", label="best per rank", zorder=2)
+            ax.axvline(knee, color="tab:red", ls="--", label=f"knee: rank {knee}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(curve), [str(r) for r in curve])
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{metric} (validation)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(save_png(fig, storage.join(output_dir, name)))
     return written
 
 
@@ -177,6 +173,4 @@ def _fmt(v) -> str:
 
 
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=2, default=str, allow_nan=True)
