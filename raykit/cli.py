@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             _search(args)
         return 0
     except RaykitError as e:
+        from raykit.cluster import disconnect_ray
+
+        disconnect_ray()
         print(f"raykit: error: {e}", file=sys.stderr)
         return 2
 

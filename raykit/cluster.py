@@ -9,12 +9,49 @@ import re
 from raykit.errors import RaykitError
 
 
+_connected_here = False  # whether this process's ray.init() was raykit's (not a notebook's or a test's)
+
+
 def connect_ray(dashboard: bool = True) -> None:
     """`dashboard=False` for a local Ray that needs no State API (Ray Data jobs): one process less on a laptop."""
+    global _connected_here
     import ray
 
     if not ray.is_initialized():
         ray.init(configure_logging=False, **({} if dashboard else {"include_dashboard": False}))
+        _connected_here = True
+
+
+def disconnect_ray() -> None:
+    """Leave the Ray that raykit joined or started, so that nothing Ray forwards (worker and GCS lines
+    arrive on their own thread) can print after raykit's last line: its one-line error."""
+    global _connected_here
+    if _connected_here:
+        import ray
+
+        ray.shutdown()
+        _connected_here = False
+
+
+def require_shared_storage(key: str, path: str) -> None:
+    """Refuse, before anything starts, a local output path on a Ray cluster spread over several hosts.
+
+    Each host would write its part to its own disk (Ray Train checkpoints, embedding shards) and no
+    node would see the whole. A local Ray (no RAY_ADDRESS, nothing initialized) is this machine alone.
+    """
+    import ray
+
+    from raykit import storage
+
+    if storage.is_uri(path) or not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
+        return
+    connect_ray()
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) > 1:
+        raise RaykitError(
+            f"{key}: {path} is a local path, but this Ray cluster spans {len(hosts)} hosts that do not share "
+            f"its disk; write to storage every node reaches: {key}=s3://bucket/prefix"
+        )
 
 
 def raykit_env() -> dict[str, str]:

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from raykit import __version__, corpus, manifest, storage
-from raykit.cluster import connect_ray, node_count, quiet_ray_data, user_error
+from raykit.cluster import connect_ray, node_count, quiet_ray_data, require_shared_storage, user_error
 from raykit.config import EmbedJob
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
@@ -35,6 +35,7 @@ PROGRESS_EVERY_S = 10.0
 def run(job: EmbedJob) -> dict:
     """Embed job.corpus with job.model into job.output; returns the committed manifest."""
     output = storage.resolve(job.output)
+    require_shared_storage("output", output)
     source = storage.resolve(job.corpus)
 
     # Everything checkable is checked before a worker starts.

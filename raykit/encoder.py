@@ -16,12 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raykit import storage
 from raykit.config import ModelConfig
 from raykit.errors import RaykitError
 
 
 def resolve_model(name: str) -> str:
-    """A local directory for `pkg:PACKAGE/SUBDIR` (weights shipped in a Python package); else `name`."""
+    """A local directory for `pkg:PACKAGE/SUBDIR` (weights shipped in a Python package) or an s3://
+    folder (fetched once per node, e.g. a raykit run's model/ on a cluster); else `name`."""
+    if storage.is_uri(name):
+        return storage.local_copy(name)
     if not name.startswith("pkg:"):
         return name
     package, _, sub = name[len("pkg:"):].partition("/")
@@ -165,11 +169,13 @@ class Encoder(nn.Module):
 
 def _st_settings(name: str) -> dict:
     """pooling / normalize / max_seq_length from a sentence-transformers folder (or hub repo), if it has them."""
+    local = resolve_model(name)
+
     def read(file: str):
-        path = Path(resolve_model(name), file)
+        path = Path(local, file)
         if path.is_file():
             return json.loads(path.read_text())
-        if Path(resolve_model(name)).is_dir():
+        if Path(local).is_dir():
             return None
         try:  # a hub id: the small config files, from the cache or the hub
             from huggingface_hub import hf_hub_download

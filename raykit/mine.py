@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykit import embed, search, storage
+from raykit.cluster import require_shared_storage
 from raykit.config import EmbedJob, JobConfig
 from raykit.data import is_beir, load_beir
 from raykit.encoder import Encoder
@@ -39,6 +40,7 @@ def run(job: JobConfig) -> str:
     """Mine hard negatives for job.data.train; returns the triplets file (reused if already written)."""
     cfg = job.mine
     out = triplets_path(job)
+    require_shared_storage("mine.output" if job.mine.output else "output_dir", out)
     if storage.exists(out):
         print(f"[raykit] mine: {out} exists; reusing it (delete it to mine again)")
         return out

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykit import storage
-from raykit.cluster import connect_ray, quiet_ray_data, user_error
+from raykit.cluster import connect_ray, quiet_ray_data, require_shared_storage, user_error
 from raykit.config import JobConfig
 from raykit.data import read_pair_file
 from raykit.encoder import Encoder, resolve_model
@@ -38,6 +38,7 @@ def run(job: JobConfig, triplets: str) -> str:
 
     cfg = job.teacher
     out = scored_path(job)
+    require_shared_storage("teacher.output" if job.teacher.output else "output_dir", out)
     if storage.exists(out):
         print(f"[raykit] score: {out} exists; reusing it (delete it to score again)")
         return out

@@ -17,7 +17,7 @@ import json
 import os
 
 from raykit import storage, sweep_report
-from raykit.cluster import connect_ray
+from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.errors import ConfigError, RaykitError
 from raykit.space import Space, apply
@@ -47,6 +47,7 @@ def run(job: JobConfig, space: Space) -> dict:
 
     settings = space.settings
     output_dir = storage.resolve(job.output_dir)
+    require_shared_storage("output_dir", output_dir)
     base, inputs = prepare(trial_job(job, space))
     total = schedule_length(inputs["num_rows"], base.scaling.num_workers, base)[1]
     if not base.train.eval_every:  # four validations per trial: ASHA's rungs need points to compare

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from raykit import report, storage
-from raykit.cluster import connect_ray, raykit_env
+from raykit.cluster import connect_ray, raykit_env, require_shared_storage
 from raykit.config import JobConfig
 from raykit.data import Beir, load_beir, load_training_set, load_validation_set, negative_count
 from raykit.encoder import Encoder, resolve_model
@@ -223,6 +223,7 @@ def run(job: JobConfig) -> dict:
     import ray.train
 
     output_dir = storage.resolve(job.output_dir)
+    require_shared_storage("output_dir", output_dir)
     summary_path = storage.join(output_dir, "run.json")
     if storage.exists(summary_path):
         print(f"[raykit] {summary_path} exists: this run is complete. Use another output_dir to train again.")

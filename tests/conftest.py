@@ -98,6 +98,9 @@ def ray_cluster():
 
     # With the dashboard: Ray Train's placement-group cleaner reads the State API, and without it the
     # workers of a sweep trial that Tune stops keep their CPUs.
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True, configure_logging=False)
+    # log_to_driver=False: what workers and Ray's own processes print arrives on a thread of its own, at any
+    # time, into whatever test is capturing then; tests assert on raykit's output, and exceptions carry the
+    # workers' tracebacks. (tests/test_cli.py runs the real CLI, with forwarding, in a subprocess.)
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

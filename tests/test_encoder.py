@@ -40,3 +40,25 @@ def test_model_names_resolve_or_fail_clearly(tmp_path):
         resolve_model("pkg:no_such_pkg/model")
     with pytest.raises(RaykitError, match="cannot load"):
         Encoder.load(ModelConfig(name=str(tmp_path / "empty")))
+
+
+def test_a_model_in_s3_is_fetched_once_per_version_and_embeds_as_the_local_one(s3_server, tiny_model, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from conftest import upload_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    client = s3_server.client
+    uri = upload_dir(client, Path(tiny_model), s3_server(), "models/tiny")
+    local = Path(resolve_model(uri))
+    assert local.is_relative_to(tmp_path / "cache") and resolve_model(uri) == str(local)  # cached
+    torch.testing.assert_close(Encoder.from_pretrained(uri, 16).encode(TEXTS), Encoder.from_pretrained(tiny_model, 16).encode(TEXTS))
+    # A model rewritten in place is a new listing: fetched again, never served stale.
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    client.put_object(Bucket=bucket, Key=f"{key}/extra.txt", Body=b"new")
+    again = Path(resolve_model(uri))
+    assert again != local and (again / "extra.txt").read_text() == "new"
+    assert not list((tmp_path / "cache" / "raykit" / "remote").glob(".tmp-*"))  # no partial copies left
+
+    with pytest.raises(RaykitError, match=r"^s3://.*/models/none: no such folder \(or it is empty\)$"):
+        resolve_model(uri.replace("models/tiny", "models/none"))
