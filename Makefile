@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test bench-train bench-quality bench-embed bench-strategies bench-sweep clean
+.PHONY: install quickstart test cluster-test image bench-train bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,18 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# `ray job submit` on a real 3-node Ray on this machine (token auth, S3): also part of `make test`.
+cluster-test: install
+	$(PY) -m pytest -q -s tests/test_cluster.py
+
+# The container image (needs a Docker daemon). IMAGE_FLAVOR=cpu builds for CPU nodes.
+RAY_VERSION := $(shell sed -n 's/.*"ray\[[a-z,]*\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+IMAGE ?= raykit
+IMAGE_FLAVOR ?= gpu
+image:
+	docker build -t $(IMAGE):$(IMAGE_FLAVOR) --build-arg RAY_TAG=$(RAY_VERSION)-py311-$(IMAGE_FLAVOR) \
+		$(if $(filter cpu,$(IMAGE_FLAVOR)),--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu) .
 
 bench-train: install
 	$(PY) bench/train_throughput.py

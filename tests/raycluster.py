@@ -1,0 +1,199 @@
+"""A real multi-node Ray on this machine: a head and worker nodes joined with `ray start --address`.
+
+Each node gets its own loopback address (127.0.0.2 for the head, 127.0.0.3, ... for workers: the whole
+127.0.0.0/8 range is this machine, and Ray swaps a literal 127.0.0.1 for the machine's own network
+address), so the cluster looks like several hosts and all traffic stays on loopback; its own --temp-dir and every port given explicitly, so that nodes
+and other Rays on the machine never share a socket or a port. Every process runs with its own HOME:
+a `ray.init()` elsewhere leaves ~/.ray/auth_token behind, which `ray start` would silently pick up.
+Token authentication is on (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), as on a KubeRay cluster.
+
+Stopping kills only what this module started: each `ray start --block` leads its own process group,
+and any straggler whose command line names one of our temp dirs. Never `ray stop`: it ends every Ray
+on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+HEAD_IP = "127.0.0.2"
+WORKER_PORTS = 40  # per node: enough for the workers, actors and Ray Data stages of one job
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_range(n: int) -> int:
+    """The first of n consecutive free ports."""
+    while True:
+        start = free_port()
+        if start + n >= 65000:
+            continue
+        try:
+            for port in range(start, start + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+
+
+@dataclass
+class Cluster:
+    root: Path
+    env: dict[str, str]
+    token: str
+    gcs_port: int
+    dashboard_port: int
+    nodes: list[subprocess.Popen] = field(default_factory=list)
+    temp_dirs: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"http://{HEAD_IP}:{self.dashboard_port}"
+
+    def ray(self, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+        """A `ray ...` CLI call (job submit, job status, ...) with the cluster's environment and token."""
+        return subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        for proc in self.nodes:
+            _kill_group(proc)
+        _kill_stragglers(self.temp_dirs)
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, str]) -> Cluster:
+    """A head with no CPUs (it runs drivers, not work) and `workers` nodes of `cpus_per_worker` CPUs."""
+    home = root / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ, **extra_env,
+        "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cluster = Cluster(root, env, token, gcs_port=free_port(), dashboard_port=free_port())
+    try:
+        _start_node(cluster, HEAD_IP, head=True, cpus=0)
+        _wait_for_dashboard(cluster)
+        for i in range(workers):
+            _start_node(cluster, f"127.0.0.{3 + i}", head=False, cpus=cpus_per_worker)
+        _wait_for_nodes(cluster, 1 + workers)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _start_node(cluster: Cluster, ip: str, head: bool, cpus: int) -> None:
+    # Short: Ray's Unix socket paths live under the temp dir and must stay under 108 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    cluster.temp_dirs.append(temp_dir)
+    low = free_range(WORKER_PORTS)
+    args = [
+        str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}", "--num-gpus=0",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--min-worker-port={low}", f"--max-worker-port={low + WORKER_PORTS - 1}",
+        "--object-store-memory=200000000",
+    ]
+    if head:
+        args += [
+            "--head", f"--port={cluster.gcs_port}", "--include-dashboard=true", f"--dashboard-host={HEAD_IP}",
+            f"--dashboard-port={cluster.dashboard_port}", f"--ray-client-server-port={free_port()}",
+        ]
+    else:
+        args += [f"--address={HEAD_IP}:{cluster.gcs_port}"]
+    log = open(cluster.root / f"ray-start-{ip}.log", "w")
+    cluster.nodes.append(subprocess.Popen(args, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+
+def _wait_for_dashboard(cluster: Cluster, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cluster.nodes[0].poll() is not None:
+            raise RuntimeError(f"the head node exited; see {cluster.root}/ray-start-{HEAD_IP}.log")
+        try:
+            with urllib.request.urlopen(f"{cluster.address}/api/version", timeout=2):
+                pass
+            return
+        except OSError as e:
+            if getattr(e, "code", None) in (401, 403):  # up, and asking for the token
+                return
+            time.sleep(1)
+    raise RuntimeError("the head's dashboard did not come up")
+
+
+def _wait_for_nodes(cluster: Cluster, count: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if probe(cluster, "result = sum(n['Alive'] for n in ray.nodes())") == count:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"{count} nodes did not join in {timeout:.0f}s")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _kill_stragglers(temp_dirs: list[str]) -> None:
+    """Processes of ours that left the group (Ray's workers may): found by our temp dirs in their command line."""
+    me = os.getpid()
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        if pid == me:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(d in cmdline for d in temp_dirs):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def probe(cluster: Cluster, code: str) -> object:
+    """Run `code` in a driver joined to the cluster; it sets `result`, which comes back (as JSON)."""
+    import json
+
+    script = f"import json, ray\nray.init()\n{code}\nprint('RESULT ' + json.dumps(result))\n"
+    env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{cluster.gcs_port}"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"probe failed: {done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

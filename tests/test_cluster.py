@@ -1,0 +1,173 @@
+"""`ray job submit` on a real multi-node Ray: a head with no CPUs and two 1-CPU worker nodes, token
+authentication on, data and outputs on the real S3 server. What a user's first submission does.
+
+S3 credentials reach the workers the way they do on a cluster: through the nodes' environment
+(tests/raycluster.py starts every node with the AWS_* variables), never through the job.
+`make cluster-test` runs this module alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import raycluster
+from conftest import QUICKSTART, REPO, S3_ENV, upload_dir
+
+UPLOAD_LIMIT = 2_000_000  # bytes: the repository without .git, .venv, runs and results is well under this
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_server):
+    c = raycluster.start(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1, extra_env={"HF_HUB_OFFLINE": "1"})
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, tiny_model) -> str:
+    """A bucket holding the training data (a BEIR folder) and the base model, as a team's would."""
+    name = s3_server()
+    upload_dir(s3_server.client, QUICKSTART, name, "data/quickstart")
+    upload_dir(s3_server.client, Path(tiny_model), name, "models/tiny-bert")
+    return name
+
+
+def submit(cluster, *entrypoint: str, submission_id: str) -> tuple[str, str, float]:
+    """`ray job submit --working-dir .`, waiting for the end; returns (status, logs, seconds)."""
+    started = time.perf_counter()
+    submitted = cluster.ray("job", "submit", "--address", cluster.address, "--working-dir", str(REPO),
+                            "--submission-id", submission_id, "--", *entrypoint)
+    seconds = time.perf_counter() - started
+    status = cluster.ray("job", "status", "--address", cluster.address, submission_id)
+    logs = cluster.ray("job", "logs", "--address", cluster.address, submission_id).stdout
+    said = (status.stdout + status.stderr).lower()  # "Job 'x' succeeded" / "... failed" / "... stopped"
+    states = [s for s in ("SUCCEEDED", "FAILED", "STOPPED") if f"' {s.lower()}" in said]
+    assert states, f"no final state: {status.stdout}{status.stderr}\n{submitted.stdout[-3000:]}{submitted.stderr[-3000:]}"
+    return states[0], logs, seconds
+
+
+def actor_nodes(cluster, class_part: str) -> list[str]:
+    """The node addresses of every actor that ran (alive or dead) whose class name contains `class_part`."""
+    code = f"""
+from ray.util.state import list_actors
+ips = {{n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}}
+result = sorted(ips[a.node_id] for a in list_actors(detail=True, limit=10000) 
+                if a.node_id and {class_part!r} in (a.class_name or "") + (a.repr_name or ""))
+"""
+    return raycluster.probe(cluster, code)
+
+
+def test_zero2_training_spreads_over_both_nodes_and_writes_a_loadable_model_to_s3(cluster, bucket, s3_server, capsys):
+    output = f"s3://{bucket}/runs/zero2"
+    status, logs, seconds = submit(
+        cluster, "raykit", "train", "jobs/quickstart.yaml", f"model.name=s3://{bucket}/models/tiny-bert",
+        f"data.train=s3://{bucket}/data/quickstart", "eval.data=", f"output_dir={output}",
+        "train.strategy=full", "deepspeed.zero_stage=2", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+        "train.batch_size=8", "train.max_steps=4", "train.log_every=2", "model.max_seq_length=32", "eval.dims=[32]",
+        submission_id="zero2",
+    )
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "step 4/4 (100%)" in logs and f"model: {output}/model" in logs
+    for secret in S3_ENV.values():  # the job's logs never carry a credential
+        assert secret == "us-east-1" or secret not in logs
+
+    # One Ray Train worker on each worker node (the head has no CPUs), each with 1 CPU.
+    assert actor_nodes(cluster, "RayTrainWorker") == ["127.0.0.3", "127.0.0.4"]
+
+    # The model in S3 loads with sentence-transformers, and embeds as raykit does.
+    from sentence_transformers import SentenceTransformer
+
+    from raykit import storage
+    from raykit.encoder import Encoder
+
+    local = storage.local_copy(f"{output}/model")
+    text = ["the pump seal leaks", "restart the chiller"]
+    st = SentenceTransformer(local, device="cpu").encode(text, convert_to_numpy=True)
+    np.testing.assert_allclose(st, Encoder.from_pretrained(local).encode(text).numpy(), atol=1e-5)
+    run = json.loads(s3_server.client.get_object(Bucket=bucket, Key="runs/zero2/run.json")["Body"].read())
+    assert run["steps"] == 4 and run["config"]["train"]["strategy"] == "full"
+
+    # The upload: the repository without history, environments or results.
+    unpacked = Path(cluster.temp_dirs[0]).glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
+    (package,) = [p for p in unpacked if p.is_dir()]
+    files = [f for f in package.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    names = {str(f.relative_to(package)).split("/")[0] for f in files}
+    assert {"raykit", "jobs", "tune_spaces", "data", "pyproject.toml"} <= names
+    assert not names & {".git", ".venv", "runs", "tests", "k8s"} and not any("bench/results" in str(f) for f in files)
+    assert size < UPLOAD_LIMIT
+    with capsys.disabled():
+        print(f"\n[cluster] ray job submit -> SUCCEEDED, 2-node ZeRO-2 training (4 steps): {seconds:.1f} s; "
+              f"upload {size / 1e3:.0f} kB in {len(files)} files")
+
+
+def test_embed_runs_an_encoder_actor_on_each_node_and_commits_exact_embeddings(cluster, bucket, s3_server):
+    from raykit import storage
+    from raykit.data import load_beir
+    from raykit.encoder import Encoder
+
+    model = f"s3://{bucket}/models/tiny-bert"
+    output = f"s3://{bucket}/emb/v1"
+    status, logs, _ = submit(
+        cluster, "raykit", "embed", "jobs/reembed_scifact.yaml", f"model={model}",
+        f"corpus=s3://{bucket}/data/quickstart", f"output={output}", "max_seq_length=32",
+        "embed.concurrency=2", "embed.cpus_per_actor=1", "embed.shard_mb=0.01", "embed.precision=fp32",
+        submission_id="embed",
+    )
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert actor_nodes(cluster, "_EncodeShards") == ["127.0.0.3", "127.0.0.4"]
+
+    client = s3_server.client
+    committed = json.loads(client.get_object(Bucket=bucket, Key="emb/v1/manifest.json")["Body"].read())
+    corpus = load_beir(str(QUICKSTART), "test").corpus
+    assert committed["rows"] == len(corpus) and len(committed["shards"]) > 2
+    encoder = Encoder.from_pretrained(storage.local_copy(model), 32)
+    for shard in committed["shards"]:
+        body = client.get_object(Bucket=bucket, Key=f"emb/v1/{shard['path']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == shard["sha256"]
+        table = pq.read_table(io.BytesIO(body))
+        stored = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+        expected = encoder.encode([corpus[i] for i in table["id"].to_pylist()]).numpy()
+        np.testing.assert_allclose(stored, expected, atol=1e-5)
+
+
+def test_a_two_trial_sweep(cluster, bucket, s3_server):
+    status, logs, _ = submit(
+        cluster, "raykit", "tune", "jobs/quickstart.yaml", "tune_spaces/lora_rank_alpha_lr.yaml",
+        f"model.name=s3://{bucket}/models/tiny-bert", f"data.train=s3://{bucket}/data/quickstart", "eval.data=", "eval.dims=[32]",
+        f"output_dir=s3://{bucket}/sweeps/qs", "scaling.cpus_per_worker=1", "train.batch_size=8", "train.max_steps=4",
+        "tune.num_samples=2", "tune.scheduler=none",
+        submission_id="tune",
+    )
+    assert status == "SUCCEEDED", logs[-4000:]
+    keys = {o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket, Prefix="sweeps/qs/")["Contents"]}
+    assert {"sweeps/qs/results.csv", "sweeps/qs/best_job.yaml"} <= keys
+    results = s3_server.client.get_object(Bucket=bucket, Key="sweeps/qs/results.csv")["Body"].read().decode()
+    assert len(results.strip().splitlines()) == 3  # a header and two trials
+
+
+def test_a_submission_with_the_wrong_token_is_refused(cluster):
+    env = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
+    done = cluster.ray("job", "submit", "--address", cluster.address, "--", "echo", "hello", env=env)
+    assert done.returncode != 0 and "Invalid authentication token" in done.stderr
+    listed = cluster.ray("job", "list", "--address", cluster.address).stdout
+    assert "echo hello" not in listed
+
+
+def test_a_local_output_on_a_multi_host_cluster_is_refused_in_one_line(cluster, bucket):
+    status, logs, _ = submit(
+        cluster, "raykit", "train", "jobs/quickstart.yaml", f"model.name=s3://{bucket}/models/tiny-bert",
+        f"data.train=s3://{bucket}/data/quickstart", "output_dir=runs/local", submission_id="local-output",
+    )
+    assert status == "FAILED"
+    last = logs.strip().splitlines()[-1]
+    assert last.startswith("raykit: error: output_dir: ") and "is a local path, but this Ray cluster spans 3 hosts" in last
+    assert last.endswith("output_dir=s3://bucket/prefix")
