@@ -71,9 +71,30 @@ class Cluster:
         """A `ray ...` CLI call (job submit, job status, ...) with the cluster's environment and token."""
         return subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True, text=True, timeout=timeout)
 
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Until every worker CPU is free again: the previous job's actors release theirs asynchronously."""
+        code = "result = [ray.available_resources().get('CPU', 0), ray.cluster_resources().get('CPU', 0)]"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            free, total = probe(self, code)
+            if free == total:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the cluster's CPUs were not all free after {timeout:.0f}s")
+
     def stop(self) -> None:
-        for proc in self.nodes:
-            _kill_group(proc)
+        # All groups at once, workers and head alike: a test cluster needs no graceful drain.
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            for proc in self.nodes:
+                _signal_group(proc, sig)
+            deadline = time.time() + wait
+            for proc in self.nodes:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(proc.poll() is not None for proc in self.nodes):
+                break
         _kill_stragglers(self.temp_dirs)
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -156,17 +177,11 @@ def _wait_for_nodes(cluster: Cluster, count: int, timeout: float = 120) -> None:
     raise RuntimeError(f"{count} nodes did not join in {timeout:.0f}s")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _kill_stragglers(temp_dirs: list[str]) -> None:

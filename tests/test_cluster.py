@@ -26,7 +26,10 @@ UPLOAD_LIMIT = 2_000_000  # bytes: the repository without .git, .venv, runs and 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_server):
-    c = raycluster.start(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1, extra_env={"HF_HUB_OFFLINE": "1"})
+    # Ray Data starts a pool's actors asynchronously and feeds whichever is up first: a few small shards
+    # could all go to one encoder. Waiting for the whole pool makes "one encoder on each node" certain.
+    env = {"HF_HUB_OFFLINE": "1", "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
+    c = raycluster.start(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1, extra_env=env)
     yield c
     c.stop()
 
@@ -42,6 +45,7 @@ def bucket(s3_server, tiny_model) -> str:
 
 def submit(cluster, *entrypoint: str, submission_id: str) -> tuple[str, str, float]:
     """`ray job submit --working-dir .`, waiting for the end; returns (status, logs, seconds)."""
+    cluster.wait_idle()
     started = time.perf_counter()
     submitted = cluster.ray("job", "submit", "--address", cluster.address, "--working-dir", str(REPO),
                             "--submission-id", submission_id, "--", *entrypoint)
