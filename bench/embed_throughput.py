@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from raykit import search
+from raykit.embed import search
 from raykit.data import load_beir
 
 from common import ENV, REPO, RESULTS, SCIFACT, save

@@ -23,12 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from raykit.config import DataConfig, load_job
+from raykit.config import DataConfig
+
+from raykit.jobfile import load_job
 from raykit.data import load_beir, load_training_set
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
 from raykit.strategies import build_trainee
-from raykit.train import training_loss
+from raykit.train.loop import training_loss
 
 
 def train(job, table, device, bf16):

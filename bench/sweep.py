@@ -98,7 +98,7 @@ def load_scifact():
 
 
 def fmt(value) -> str:
-    from raykit.sweep_report import _fmt
+    from raykit.tune.report import _fmt
 
     try:
         number = float(value)

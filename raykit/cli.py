@@ -55,34 +55,35 @@ def main(argv: list[str] | None = None) -> int:
         args.queries += extra
     try:
         if args.command == "train":
-            from raykit.config import load_job
-            from raykit.train import run
+            from raykit.jobfile import load_job
+            from raykit.train.driver import run
 
             run(load_job(args.job, args.overrides))
         elif args.command == "embed":
-            from raykit.config import EmbedJob, load_job
-            from raykit.embed import run
+            from raykit.config import EmbedJob
+            from raykit.jobfile import load_job
+            from raykit.embed.pipeline import run
 
             run(load_job(args.job, args.overrides, EmbedJob))
         elif args.command == "mine":
-            from raykit.config import load_job
-            from raykit.mine import run
+            from raykit.jobfile import load_job
+            from raykit.train.mine import run
 
             run(load_job(args.job, args.overrides))
         elif args.command == "score":
             import dataclasses
 
-            from raykit.config import load_job
-            from raykit.mine import run as mine
-            from raykit.score import run
+            from raykit.jobfile import load_job
+            from raykit.train.mine import run as mine
+            from raykit.train.score import run
 
             job = load_job(args.job, args.overrides)
             triplets = mine(job) if job.mine.enabled else job.data.train
             run(dataclasses.replace(job, data=dataclasses.replace(job.data, train=triplets)), triplets)
         elif args.command == "tune":
-            from raykit.config import load_job
-            from raykit.space import load_space
-            from raykit.sweep import run
+            from raykit.jobfile import load_job
+            from raykit.tune.space import load_space
+            from raykit.tune.sweep import run
 
             sweep_items = [o for o in args.overrides if o.startswith("tune.")]
             job = load_job(args.job, [o for o in args.overrides if not o.startswith("tune.")])
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _search(args) -> None:
-    from raykit import search, storage
+    from raykit import storage
+    from raykit.embed import search
 
     output = storage.resolve(args.output)
     if args.beir:

@@ -8,6 +8,7 @@ SeaweedFS. pyarrow's filesystem reads them; we never read, log or store them our
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -149,6 +150,17 @@ def local_copy(uri: str) -> str:
             return str(target)
         raise RaykitError(f"{uri}: cannot download ({clean_error(e)})") from None
     return str(target)
+
+
+def save_png(fig, target: str) -> str:
+    """Write a matplotlib figure (a report's plot) to a local path or s3:// URI as PNG, and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes(target, buf.getvalue())
+    return target
 
 
 def _info(fs: pafs.FileSystem, p: str, shown: str) -> pafs.FileInfo:

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from raykit.config import EmbedJob, JobConfig, load_job
+from raykit.config import EmbedJob, JobConfig
+
+from raykit.jobfile import load_job
 from raykit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

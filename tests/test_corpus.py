@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raykit import corpus
+from raykit.embed import corpus
 from raykit.errors import DataError
 
 from conftest import QUICKSTART

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raykit import manifest, search
+from raykit.embed import manifest, search
 from raykit.cli import main
-from raykit.config import EmbedJob, load_job
+from raykit.config import EmbedJob
+from raykit.jobfile import load_job
 from raykit.data import load_beir
-from raykit.embed import run
+from raykit.embed.pipeline import run
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
 from raykit.evaluate import evaluate
@@ -172,7 +173,7 @@ def test_bad_corpus_is_one_line_and_nothing_is_committed(ray_cluster, tiny_model
 
 
 def test_batches_respect_the_token_budget_and_cover_every_document():
-    from raykit.embed import _EncodeShards
+    from raykit.embed.pipeline import _EncodeShards
 
     actor = object.__new__(_EncodeShards)  # only the batching, no model
     actor.batch_size, actor.batch_tokens = 8, 100

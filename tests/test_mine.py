@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from raykit.cli import main
-from raykit.config import load_job
+from raykit.jobfile import load_job
 from raykit.data import load_beir
 from raykit.encoder import Encoder
-from raykit.mine import run as mine
+from raykit.train.mine import run as mine
 
 from conftest import QUICKSTART, REPO
 from test_train import JOB, overrides
@@ -119,7 +119,7 @@ def test_the_four_combination_jobs_load(tmp_path):
 
 def test_teacher_actor_scores_like_its_model(tiny_model, tiny_teacher):
     """The scoring actor's code, called directly: a bi-encoder teacher gives scale x cosine, a cross-encoder its logit."""
-    from raykit.score import _Teacher
+    from raykit.train.score import _Teacher
 
     batch = {"i": [0, 1], "query": ["pump reset", "valve torque"], "docs": [json.dumps(["a", "b"]), json.dumps(["c", "d", "e"])]}
     bi = _Teacher(tiny_model, "bi_encoder", 64, 4, scale=20.0)(batch)

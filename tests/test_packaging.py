@@ -228,8 +228,9 @@ def test_every_cluster_is_locked_down_and_sized(name):
 
 def test_every_rayjob_entrypoint_names_job_files_that_load():
     """Each job a manifest runs, with the manifest's overrides, loads with raykit's own loader."""
-    from raykit.config import EmbedJob, load_job
-    from raykit.space import load_space
+    from raykit.config import EmbedJob
+    from raykit.jobfile import load_job
+    from raykit.tune.space import load_space
 
     def local(path: str) -> Path:
         for mount, folder in MOUNTS.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from raykit.config import EvalConfig
-from raykit.report import flags, text, write_plots
+from raykit.train.report import flags, text, write_plots
 
 
 def results(**ndcg):

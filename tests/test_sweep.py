@@ -169,7 +169,7 @@ def test_bad_space_is_one_line_before_any_trial(tiny_model, tmp_path, space, fix
 def test_optuna_searcher_needs_its_library(monkeypatch):
     from raykit.config import SweepConfig
     from raykit.errors import ConfigError
-    from raykit.sweep import _searcher
+    from raykit.tune.sweep import _searcher
 
     monkeypatch.setitem(sys.modules, "optuna", None)  # as on a machine without it
     with pytest.raises(ConfigError, match="tune.searcher: optuna is not installed; pip install optuna"):
@@ -178,8 +178,8 @@ def test_optuna_searcher_needs_its_library(monkeypatch):
 
 
 def test_shipped_spaces_load_against_their_job():
-    from raykit.config import load_job
-    from raykit.space import load_space
+    from raykit.jobfile import load_job
+    from raykit.tune.space import load_space
 
     job = load_job(str(REPO / "jobs" / "scifact_lora.yaml"))
     sweep = load_space(str(REPO / "tune_spaces" / "lora_rank_alpha_lr.yaml"), job, ["tune.num_samples=20"])

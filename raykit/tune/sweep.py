@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 
-from raykit import storage, sweep_report
+from raykit import storage
+
+from raykit.tune import report as sweep_report
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.errors import ConfigError, RaykitError
-from raykit.space import Space, apply
-from raykit.train import make_trainer, prepare, schedule_length
+from raykit.tune.space import Space, apply
+from raykit.train.driver import make_trainer, prepare
 
 EXPERIMENT = "tune"
 
@@ -49,7 +51,7 @@ def run(job: JobConfig, space: Space) -> dict:
     output_dir = storage.resolve(job.output_dir)
     require_shared_storage("output_dir", output_dir)
     base, inputs = prepare(trial_job(job, space))
-    total = schedule_length(inputs["num_rows"], base.scaling.num_workers, base)[1]
+    total = inputs["total_steps"]
     if not base.train.eval_every:  # four validations per trial: ASHA's rungs need points to compare
         base = apply(base, {"train.eval_every": max(1, total // 4)}, "sweep")
     grace = settings.grace_period or base.train.eval_every

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raykit.config import JobConfig, SweepConfig, _parse_value, _set_path, build, read_yaml
+from raykit.config import JobConfig, SweepConfig
+
+from raykit.jobfile import build, parse_value, read_yaml, set_path
 from raykit.errors import ConfigError
 
 KINDS = ("choice", "grid", "per_rank", "uniform", "loguniform")
@@ -87,7 +89,7 @@ def apply(job: JobConfig, values: dict[str, Any], where: str) -> JobConfig:
     """`job` with fields set by key path (what `key=value` overrides do), validated."""
     raw = job.to_dict()
     for key, value in values.items():
-        _set_path(raw, key.split("."), copy.deepcopy(value))
+        set_path(raw, key.split("."), copy.deepcopy(value))
     return build(JobConfig, raw, where)
 
 
@@ -101,7 +103,7 @@ def load_space(path: str, job: JobConfig, overrides: list[str] = ()) -> Space:
     settings_raw = dict(raw.get("tune") or {})
     for item in overrides:
         key, _, text = item.partition("=")
-        settings_raw[key.split(".", 1)[1]] = _parse_value(text)
+        settings_raw[key.split(".", 1)[1]] = parse_value(text)
     settings = build(SweepConfig, settings_raw, str(p), "tune.")
 
     fixed = raw.get("fixed") or {}

@@ -18,9 +18,8 @@ import yaml
 from raykit import storage
 from raykit.config import JobConfig
 from raykit.errors import RaykitError
-from raykit.report import save_png
-from raykit.space import Space, apply
-from raykit.train import schedule_length
+from raykit.tune.space import Space, apply
+from raykit.train.driver import schedule_length
 
 
 def collect(grid, job: JobConfig, space: Space, num_rows: int) -> list[dict]:
@@ -160,7 +159,7 @@ def write_plots(rows: list[dict], curve: dict, knee, metric: str, output_dir: st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(save_png(fig, storage.join(output_dir, name)))
+        written.append(storage.save_png(fig, storage.join(output_dir, name)))
     return written
 
 

@@ -22,7 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykit import embed, search, storage
+from raykit import storage
+
+from raykit.embed import pipeline, search
 from raykit.cluster import require_shared_storage
 from raykit.config import EmbedJob, JobConfig
 from raykit.data import is_beir, load_beir
@@ -59,7 +61,7 @@ def run(job: JobConfig) -> str:
 
     # 1. The corpus, embedded by the Ray Data pipeline (a rerun finds it committed and skips it).
     store = out.rsplit(".", 1)[0] + ".embeddings"
-    committed = embed.run(EmbedJob(model=model, corpus=source, output=store,
+    committed = pipeline.run(EmbedJob(model=model, corpus=source, output=store,
                                    max_seq_length=job.model.max_seq_length, embed=cfg.embed))
 
     # 2. Queries and positives, in the stored space.

@@ -9,7 +9,6 @@ Two failure modes show only when you look for them, so every run looks:
 
 from __future__ import annotations
 
-import io
 import os
 
 from raykit import storage
@@ -88,7 +87,7 @@ def write_plots(evaluation: dict, cfg: EvalConfig, output_dir: str) -> list[str]
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    written.append(save_png(fig, storage.join(output_dir, "ndcg_by_dim.png")))
+    written.append(storage.save_png(fig, storage.join(output_dir, "ndcg_by_dim.png")))
 
     if evaluation.get("ood_after"):
         full = max(_by_dim(evaluation["after"]))
@@ -108,16 +107,5 @@ def write_plots(evaluation: dict, cfg: EvalConfig, output_dir: str) -> list[str]
         ax.set_title("forgetting check: before vs after fine-tuning")
         ax.legend()
         fig.tight_layout()
-        written.append(save_png(fig, storage.join(output_dir, "forgetting.png")))
+        written.append(storage.save_png(fig, storage.join(output_dir, "forgetting.png")))
     return written
-
-
-def save_png(fig, target: str) -> str:
-    """Write a matplotlib figure to a local path or s3:// URI as PNG, and close it."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    storage.write_bytes(target, buf.getvalue())
-    return target

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raykit import manifest
+from raykit.embed import manifest
 from raykit.data import Beir
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError

@@ -1,13 +1,13 @@
 """`raykit embed`: re-embed a whole corpus with Ray Data into object storage, resumable and committed.
 
-The pipeline, one row per shard (see raykit/corpus.py) so that a shard is written whole or not at all:
+The pipeline, one row per shard (see corpus.py) so that a shard is written whole or not at all:
 
     plan shards (driver) -> read + tokenize (CPU actors) -> encode (actor pool, GPUs) -> write Parquet (actors)
 
 Tokenizing in its own CPU stage keeps the encoder actors busy with forward passes only; inside a
 shard, documents go through longest first in token-budget batches, so each pads to similar lengths. Every shard is
 followed by a small record; when all are written the driver commits manifest.json (see
-raykit/manifest.py). A rerun skips shards whose record matches this model and input, so an
+manifest.py). A rerun skips shards whose record matches this model and input, so an
 interrupted job resumes, and a committed one is a no-op.
 """
 
@@ -23,7 +23,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from raykit import __version__, corpus, manifest, storage
+from raykit import __version__, storage
+
+from raykit.embed import corpus, manifest
 from raykit.cluster import connect_ray, node_count, quiet_ray_data, require_shared_storage, user_error
 from raykit.config import EmbedJob
 from raykit.encoder import Encoder

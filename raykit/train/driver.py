@@ -1,0 +1,187 @@
+"""Training, the driver's side: check the job, prepare its data, start the workers, lay out output_dir.
+
+`run` validates everything it can on the driver (a bad job fails before a worker starts), runs the
+TorchTrainer over `raykit.train.loop.train_fn_per_worker`, and writes what the run produced (model,
+evaluation, plots, run.json). `prepare` and `make_trainer` are shared with `raykit tune`'s trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from raykit import storage
+from raykit.cluster import connect_ray, raykit_env, require_shared_storage
+from raykit.config import JobConfig
+from raykit.data import load_beir, load_training_set, load_validation_set
+from raykit.encoder import resolve_model
+from raykit.errors import RaykitError
+from raykit.train import report
+from raykit.train.loop import STATE_FILE, train_fn_per_worker
+
+
+def run(job: JobConfig) -> dict:
+    """Validate, train on Ray, and write output_dir. Returns the run summary (also run.json)."""
+    import ray.train
+
+    output_dir = storage.resolve(job.output_dir)
+    require_shared_storage("output_dir", output_dir)
+    summary_path = storage.join(output_dir, "run.json")
+    if storage.exists(summary_path):
+        print(f"[raykit] {summary_path} exists: this run is complete. Use another output_dir to train again.")
+        return json.loads(storage.read_bytes(summary_path))
+
+    job, inputs = prepare(job)
+    connect_ray()
+    trainer = make_trainer(job, inputs, storage_path=output_dir, name="checkpoints")
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        print(str(e), file=sys.stderr)  # the workers' tracebacks: the detail the one-line summary can't hold
+        where = storage.join(output_dir, "checkpoints")
+        raise RaykitError(
+            f"training failed ({str(e).strip().splitlines()[0]}); the traceback is above. "
+            f"Checkpoints are in {where}: rerun the same command to resume from the latest."
+        ) from None
+    with result.checkpoint.as_directory() as path:
+        for name in ("model", "adapter"):
+            if Path(path, name).is_dir():
+                storage.copy_dir(str(Path(path, name)), storage.join(output_dir, name))
+        if Path(path, "metrics.jsonl").is_file():
+            storage.write_text(storage.join(output_dir, "metrics.jsonl"), Path(path, "metrics.jsonl").read_text())
+        evaluation = json.loads(Path(path, "eval.json").read_text()) if Path(path, "eval.json").is_file() else {}
+        state = json.loads(Path(path, STATE_FILE).read_text())
+    if evaluation:
+        evaluation["flags"] = report.flags(evaluation, job.eval)
+        storage.write_text(storage.join(output_dir, "eval.json"), json.dumps(evaluation, indent=2))
+        report.write_plots(evaluation, job.eval, output_dir)
+
+    summary = {
+        "output_dir": output_dir,
+        "model": storage.join(output_dir, "model"),
+        "steps": inputs["total_steps"],
+        "train_pairs": inputs["num_rows"],
+        "seconds": round(time.time() - started, 1),
+        "resumed_from": state.get("resumed_from", []),
+        "eval": evaluation,
+        "config": job.to_dict(),
+    }
+    storage.write_text(summary_path, json.dumps(summary, indent=2))  # written last: marks the run complete
+    if evaluation:
+        print("\n" + report.text(evaluation, job.eval))
+    print(f"\n[raykit] model: {summary['model']}  ({summary['seconds']}s)")
+    return summary
+
+
+def prepare(job: JobConfig) -> tuple[JobConfig, dict]:
+    """Everything that can be wrong with the input fails here, on the driver, before a worker starts.
+
+    Returns the job (data.train pointing at mined/scored triplets if it asked for them) and the inputs
+    every worker gets: the training table, the evaluation, out-of-domain and validation sets.
+    """
+    check_model(job)
+    if job.mine.enabled or (job.loss.distill and job.teacher.model):
+        # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
+        # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
+        connect_ray()
+    job = prepare_data(job)
+    table = load_training_set(job.data, job.train.seed)
+    if job.loss.distill and "positive_score" not in table.column_names:
+        raise RaykitError(f"loss.name={job.loss.name}: {job.data.train} has no teacher scores; set teacher.model, or run raykit score")
+    if job.eval.data and not storage.exists(job.eval.data):
+        raise RaykitError(f"eval.data: {job.eval.data}: no such folder; point it at a BEIR folder or set eval.data= to skip")
+    if job.eval.ood_data and not storage.exists(job.eval.ood_data):
+        raise RaykitError(f"eval.ood_data: {job.eval.ood_data}: no such folder; point it at an out-of-domain BEIR folder or set eval.ood_data=")
+    inputs = {
+        "table": table,
+        "num_rows": table.num_rows,
+        "eval_set": load_beir(job.eval.data, job.eval.split) if job.eval.data else None,
+        "ood_set": load_beir(job.eval.ood_data, job.eval.ood_split) if job.eval.ood_data else None,
+        "val_set": load_validation_set(job.data, job.train.seed),
+    }
+    inputs["steps_per_epoch"], inputs["total_steps"] = schedule_length(table.num_rows, job.scaling.num_workers, job)
+    steps_per_epoch, total_steps = inputs["steps_per_epoch"], inputs["total_steps"]
+    held_out = f" ({job.data.val_queries} queries held out for validation)" if job.data.val_queries else ""
+    print(
+        f"[raykit] {table.num_rows} training pairs from {job.data.train}{held_out} | {job.scaling.num_workers} worker(s) x "
+        f"batch {job.train.batch_size} | {steps_per_epoch} steps/epoch, {total_steps} steps | strategy {job.train.strategy}"
+    )
+    return job, inputs
+
+
+def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, callbacks=()):
+    """The TorchTrainer of one run: `raykit train`'s, or one sweep trial's (with Tune's report callback)."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
+    loop_config = {"job": job, **{k: v for k, v in inputs.items() if k != "table"}}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
+            # RAYKIT_* settings of the submitting shell reach the workers too
+            worker_runtime_env={"env_vars": env} if (env := raykit_env()) else None,
+            callbacks=list(callbacks),
+        ),
+        datasets={"train": ray.data.from_arrow(inputs["table"])},
+    )
+
+
+def prepare_data(job: JobConfig) -> JobConfig:
+    """The job with data.train pointing at what training reads: mined triplets, then teacher scores."""
+    if job.mine.enabled:
+        from raykit.train import mine
+
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=mine.run(job)))
+    if job.loss.distill and job.teacher.model:
+        from raykit.train import score
+
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=score.run(job, job.data.train)))
+    return job
+
+
+def check_model(job: JobConfig) -> None:
+    """Load the model's config (not its weights) to check the job against it."""
+    from transformers import AutoConfig, AutoModel
+
+    path = resolve_model(job.model.name)
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RaykitError(f"model.name: cannot load '{job.model.name}' ({str(e).splitlines()[0]})") from None
+    for key, dims in (("eval.dims", job.eval.dims), ("loss.matryoshka_dims", job.loss.matryoshka_dims)):
+        if dims and dims[-1] > model_config.hidden_size:
+            raise RaykitError(f"{key}: {dims[-1]} is larger than the model's {model_config.hidden_size} dimensions")
+    if job.train.strategy == "lora":
+        from raykit.strategies.lora import check_target_modules
+
+        with torch.device("meta"):  # module names without allocating weights
+            check_target_modules(AutoModel.from_config(model_config), job.lora.target_modules)
+
+
+def schedule_length(num_rows: int, world: int, job: JobConfig) -> tuple[int, int]:
+    steps_per_epoch = (num_rows // world) // job.train.batch_size
+    if steps_per_epoch == 0:
+        raise RaykitError(
+            f"data.train: {num_rows} pairs is less than one batch per worker "
+            f"(train.batch_size {job.train.batch_size} x scaling.num_workers {world}); lower train.batch_size"
+        )
+    return steps_per_epoch, job.train.max_steps or steps_per_epoch * job.train.epochs
