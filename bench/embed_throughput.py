@@ -30,11 +30,10 @@ import time
 from pathlib import Path
 
 import psutil
-
-from raykit.embed import search
-from raykit.data import load_beir
-
 from common import ENV, REPO, RESULTS, SCIFACT, save
+
+from raykit.data import load_beir
+from raykit.embed import search
 
 sys.path.insert(0, str(REPO / "tests"))
 import seaweed  # noqa: E402

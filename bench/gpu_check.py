@@ -24,11 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raykit.config import DataConfig
-
-from raykit.jobfile import load_job
 from raykit.data import load_beir, load_training_set
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
+from raykit.jobfile import load_job
 from raykit.strategies import build_trainee
 from raykit.train.loop import training_loss
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, REPO, SCIFACT, raykit_train, save, st_scores
+from common import REPO, RESULTS, SCIFACT, raykit_train, save, st_scores
 
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
 DIMS = (64, 128, 256, 384)

@@ -8,7 +8,6 @@ import re
 
 from raykit.errors import RaykitError
 
-
 _connected_here = False  # whether this process's ray.init() was raykit's (not a notebook's or a test's)
 
 

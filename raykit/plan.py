@@ -18,13 +18,17 @@ Memory per GPU, for P parameters of which T are trained, N GPUs (ZeRO, Rajbhanda
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 from dataclasses import dataclass
 
 import yaml
 
+from raykit import storage
 from raykit.errors import RaykitError
+
+log = logging.getLogger(__name__)
 
 GiB = 2**30
 LORA_RANKS = {"general": 8, "specialized": 16, "very": 64}
@@ -212,16 +216,14 @@ def main(args: argparse.Namespace) -> Plan:
     parts += ["hard negatives + MNR" if plan.hard_negatives else "in-batch negatives"]
     parts += [f"Matryoshka {list(plan.matryoshka_dims)}"] if plan.matryoshka_dims else []
     parts += ["MarginMSE distillation"] if plan.distill else []
-    print(f"[raykit] plan: {' + '.join(parts)}\n\n{plan.why}\n")
     device = f"per GPU ({args.gpus} x {args.gpu_mem:g} GiB, bf16)" if args.gpu_mem else "per CPU worker (fp32)"
-    print(f"memory {device}, batch {args.batch} x {args.seq_len} tokens:")
-    for name, value in plan.memory.items():
-        print(f"  {name:<12}{value / GiB:8.2f} GiB")
+    lines = [f"plan: {' + '.join(parts)}", "", plan.why, "", f"memory {device}, batch {args.batch} x {args.seq_len} tokens:"]
+    lines += [f"  {name:<12}{value / GiB:8.2f} GiB" for name, value in plan.memory.items()]
     if args.gpu_mem and plan.memory["total"] > args.gpu_mem * GiB:
-        print(f"  does not fit {args.gpu_mem:g} GiB: lower --batch or --seq-len")
+        lines.append(f"  does not fit {args.gpu_mem:g} GiB: lower --batch or --seq-len")
+    log.info("\n".join(lines))
     if args.out:
         text = job_yaml(plan, args.model, args.data, args.ood, args.batch, args.seq_len, args.gpus)
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"\nwrote {args.out}: raykit train {args.out}")
+        storage.put(args.out, text.encode())
+        log.info(f"wrote {args.out}: raykit train {args.out}")
     return plan

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-
+import raykit.log
 import seaweed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+
+raykit.log.setup("INFO")  # as the CLI does: raykit's progress lines on stdout, where tests read them
 
 S3_PORT = seaweed.free_port_pair()
 os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 import raycluster
 from conftest import QUICKSTART, REPO, S3_ENV, upload_dir
 

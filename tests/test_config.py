@@ -3,9 +3,8 @@ from pathlib import Path
 import pytest
 
 from raykit.config import EmbedJob, JobConfig
-
-from raykit.jobfile import load_job
 from raykit.errors import ConfigError
+from raykit.jobfile import load_job
 
 REPO = Path(__file__).resolve().parents[1]
 

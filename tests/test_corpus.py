@@ -7,11 +7,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICKSTART
 
 from raykit.embed import corpus
 from raykit.errors import DataError
-
-from conftest import QUICKSTART
 
 
 def read_all(path: str, shard_mb: float) -> tuple[list[str], list[str], int]:

@@ -3,12 +3,11 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import QUICKSTART, upload_dir
 
 from raykit.config import DataConfig
 from raykit.data import load_beir, load_training_set, load_validation_set, negative_count
 from raykit.errors import DataError
-
-from conftest import QUICKSTART, upload_dir
 
 
 def write_beir(root, corpus, queries, qrels, split="train"):

@@ -10,18 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUICKSTART, REPO, S3_ENV
 
-from raykit.embed import manifest, search
 from raykit.cli import main
 from raykit.config import EmbedJob
-from raykit.jobfile import load_job
 from raykit.data import load_beir
+from raykit.embed import manifest, search
 from raykit.embed.pipeline import run
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
 from raykit.evaluate import evaluate
-
-from conftest import QUICKSTART, REPO, S3_ENV
+from raykit.jobfile import load_job
 
 MAX_LEN = 48
 SHARD_MB = 0.01  # data/quickstart's corpus.jsonl (~40 kB) in 4 shards

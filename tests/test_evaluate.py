@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
+from conftest import QUICKSTART
+from distributed import run_two
 
 from raykit.config import ModelConfig
 from raykit.data import load_beir
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate, format_table, score_rankings
-
-from conftest import QUICKSTART
-from distributed import run_two
 
 
 def test_metrics_on_a_hand_made_ranking():

@@ -2,11 +2,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from distributed import run_two
 from torch.nn.parallel import DistributedDataParallel
 
 from raykit.losses import mnr_loss
-
-from distributed import run_two
 
 B, D_IN, D = 4, 12, 8  # per-worker batch; global batch is 2*B
 

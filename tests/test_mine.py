@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
-
-from raykit.cli import main
-from raykit.jobfile import load_job
-from raykit.data import load_beir
-from raykit.encoder import Encoder
-from raykit.train.mine import run as mine
-
 from conftest import QUICKSTART, REPO
 from test_train import JOB, overrides
+
+from raykit.cli import main
+from raykit.data import load_beir
+from raykit.encoder import Encoder
+from raykit.jobfile import load_job
+from raykit.train.mine import run as mine
 
 
 def read_jsonl(path):

@@ -14,12 +14,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
-
 from conftest import REPO
 
 CRDS = REPO.parent / "shared" / "kuberay-crds" / "v1.7.0"

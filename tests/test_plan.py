@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from raykit.config import LoraConfig
-
-from raykit.jobfile import load_job
 from raykit.encoder import Encoder
+from raykit.jobfile import load_job
 from raykit.plan import GiB, activation_bytes, add_arguments, main, model_shape, recommend, state_bytes
 from raykit.strategies.lora import apply_lora
 

@@ -21,7 +21,8 @@ def test_cliff_and_forgetting_are_flagged_and_healthy_runs_are_not(tmp_path):
     assert found[0].startswith("truncation cliff: nDCG@10 at 64 dims is 0.5000, 29% below 128 dims")
     assert found[1].startswith("forgetting: out-of-domain nDCG@10 fell 0.0500 (0.3000 -> 0.2500")
     sick["flags"] = found
-    assert "FLAG truncation cliff" in text(sick, cfg) and "out of domain: d/cranfield" in text(sick, cfg)
+    report = "\n".join(text(sick, cfg))
+    assert "FLAG truncation cliff" in report and "out of domain: d/cranfield" in report
     written = write_plots(sick, cfg, str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in written] == ["ndcg_by_dim.png", "forgetting.png"]
     for p in written:

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from raykit.cli import main
-
 from conftest import QUICKSTART, REPO
 from test_train import overrides as train_overrides
+
+from raykit.cli import main
 
 JOB = str(REPO / "jobs" / "quickstart.yaml")
 

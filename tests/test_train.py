@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import QUICKSTART, REPO, upload_dir
 
 from raykit.cli import main
 from raykit.data import load_beir
 from raykit.evaluate import score_rankings
-
-from conftest import QUICKSTART, REPO, upload_dir
 
 JOB = str(REPO / "jobs" / "quickstart.yaml")
 

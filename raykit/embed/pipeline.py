@@ -16,20 +16,21 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 from datetime import datetime, timezone
 
 import numpy as np
 
 from raykit import __version__, storage
-
-from raykit.embed import corpus, manifest
 from raykit.cluster import connect_ray, node_count, quiet_ray_data, require_shared_storage, user_error
 from raykit.config import EmbedJob
+from raykit.embed import corpus, manifest
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
+
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
 
@@ -60,17 +61,17 @@ def run(job: EmbedJob) -> dict:
     committed = manifest.read_manifest(output)
     if committed is not None:
         if _identity(committed) == identity:
-            print(f"[raykit] {storage.join(output, manifest.MANIFEST)}: already committed ({committed['rows']:,} rows in "
+            log.info(f"{storage.join(output, manifest.MANIFEST)}: already committed ({committed['rows']:,} rows in "
                   f"{len(committed['shards'])} shards, model {_short(fingerprint)}); nothing to do")
             return committed
         if not job.new_run:
             raise RaykitError(_mismatch(output, committed, identity))
-        print(f"[raykit] new_run=true: retracting the committed embeddings in {output}")
+        log.info(f"new_run=true: retracting the committed embeddings in {output}")
         manifest.retract(output)
 
     records = {name: r for name, r in manifest.read_records(output).items() if _record_matches(r, shards, identity)}
     todo = [s for s in shards if s.name not in records]
-    print(f"[raykit] embed {source} -> {output} | {len(shards)} shards ({len(records)} already written) | "
+    log.info(f"embed {source} -> {output} | {len(shards)} shards ({len(records)} already written) | "
           f"model {_short(fingerprint)} | dim {dim} {job.embed.dtype}")
 
     started = time.time()
@@ -96,7 +97,7 @@ def run(job: EmbedJob) -> dict:
     committed = _manifest(job, source, shards, records, identity, settings, started, seconds)
     manifest.commit(output, committed)
     rate = written / seconds if seconds else 0.0
-    print(f"[raykit] committed {committed['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
+    log.info(f"committed {committed['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
           f"{seconds:.1f} s | {rate:.1f} docs/s -> {storage.join(output, manifest.MANIFEST)}")
     return committed
 
@@ -381,11 +382,8 @@ class _Progress:
         elapsed = max(now - self.started, 1e-9)
         fraction = sum(self.size[n] for n in self.done) / self.total
         eta = elapsed * (1 - fraction) / fraction
-        sys.stdout.write(
-            f"[raykit] embed {len(self.done)}/{len(self.size)} shards | {written:,} docs | "
-            f"{written / elapsed:.1f} docs/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s\n"
-        )
-        sys.stdout.flush()
+        log.info(f"embed {len(self.done)}/{len(self.size)} shards | {written:,} docs | "
+                 f"{written / elapsed:.1f} docs/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
 
 
 def _short(fingerprint: str) -> str:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raykit.embed import manifest
 from raykit.data import Beir
+from raykit.embed import manifest
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
 from raykit.evaluate import K_MAX, score_rankings

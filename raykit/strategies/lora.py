@@ -22,7 +22,6 @@ from raykit.errors import ConfigError
 from raykit.optim import adamw, warmup_cosine
 from raykit.strategies import Anchor
 
-
 POOLER = r".*pooler.*"
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
 import torch
 
+import raykit.log
 from raykit import storage
 from raykit.cluster import connect_ray, raykit_env, require_shared_storage
 from raykit.config import JobConfig
@@ -23,6 +24,8 @@ from raykit.encoder import resolve_model
 from raykit.errors import RaykitError
 from raykit.train import report
 from raykit.train.loop import STATE_FILE, train_fn_per_worker
+
+log = logging.getLogger(__name__)
 
 
 def run(job: JobConfig) -> dict:
@@ -33,7 +36,7 @@ def run(job: JobConfig) -> dict:
     require_shared_storage("output_dir", output_dir)
     summary_path = storage.join(output_dir, "run.json")
     if storage.exists(summary_path):
-        print(f"[raykit] {summary_path} exists: this run is complete. Use another output_dir to train again.")
+        log.info(f"{summary_path} exists: this run is complete. Use another output_dir to train again.")
         return json.loads(storage.read_bytes(summary_path))
 
     job, inputs = prepare(job)
@@ -43,7 +46,7 @@ def run(job: JobConfig) -> dict:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        print(str(e), file=sys.stderr)  # the workers' tracebacks: the detail the one-line summary can't hold
+        log.error(str(e))  # the workers' tracebacks: the detail the one-line summary can't hold
         where = storage.join(output_dir, "checkpoints")
         raise RaykitError(
             f"training failed ({str(e).strip().splitlines()[0]}); the traceback is above. "
@@ -74,8 +77,9 @@ def run(job: JobConfig) -> dict:
     }
     storage.write_text(summary_path, json.dumps(summary, indent=2))  # written last: marks the run complete
     if evaluation:
-        print("\n" + report.text(evaluation, job.eval))
-    print(f"\n[raykit] model: {summary['model']}  ({summary['seconds']}s)")
+        for block in report.text(evaluation, job.eval):
+            log.info(block)
+    log.info(f"model: {summary['model']}  ({summary['seconds']}s)")
     return summary
 
 
@@ -108,8 +112,8 @@ def prepare(job: JobConfig) -> tuple[JobConfig, dict]:
     inputs["steps_per_epoch"], inputs["total_steps"] = schedule_length(table.num_rows, job.scaling.num_workers, job)
     steps_per_epoch, total_steps = inputs["steps_per_epoch"], inputs["total_steps"]
     held_out = f" ({job.data.val_queries} queries held out for validation)" if job.data.val_queries else ""
-    print(
-        f"[raykit] {table.num_rows} training pairs from {job.data.train}{held_out} | {job.scaling.num_workers} worker(s) x "
+    log.info(
+        f"{table.num_rows} training pairs from {job.data.train}{held_out} | {job.scaling.num_workers} worker(s) x "
         f"batch {job.train.batch_size} | {steps_per_epoch} steps/epoch, {total_steps} steps | strategy {job.train.strategy}"
     )
     return job, inputs
@@ -122,7 +126,7 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
     from ray.train.torch import TorchTrainer
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
-    loop_config = {"job": job, **{k: v for k, v in inputs.items() if k != "table"}}
+    loop_config = {"job": job, "log_level": raykit.log.level(), **{k: v for k, v in inputs.items() if k != "table"}}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -145,16 +149,17 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
     )
 
 
-def prepare_data(job: JobConfig) -> JobConfig:
-    """The job with data.train pointing at what training reads: mined triplets, then teacher scores."""
+def prepare_data(job: JobConfig, score: bool = True) -> JobConfig:
+    """The job with data.train pointing at what training reads: mined triplets, then teacher scores
+    (`score=False`: mined only, what `raykit score` scores)."""
     if job.mine.enabled:
         from raykit.train import mine
 
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=mine.run(job)))
-    if job.loss.distill and job.teacher.model:
-        from raykit.train import score
+    if score and job.loss.distill and job.teacher.model:
+        from raykit.train import score as teacher
 
-        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=score.run(job, job.data.train)))
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=teacher.run(job, job.data.train)))
     return job
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import raykit.log
 from raykit.config import JobConfig
 from raykit.data import Beir, negative_count
 from raykit.encoder import Encoder
@@ -44,7 +44,8 @@ def train_fn_per_worker(config: dict) -> None:
     torch.manual_seed(job.train.seed)  # same init on every rank; DDP/DeepSpeed also broadcast rank 0's
     torch.set_num_threads(job.scaling.cpus_per_worker)
     device = ray.train.torch.get_device()
-    log = _printer(rank)
+    raykit.log.setup(config["log_level"])
+    log = _rank0_logger(rank)
 
     # Model, wrapped for the strategy.
     encoder = Encoder.load(job.model)
@@ -294,12 +295,13 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _printer(rank: int):
+def _rank0_logger(rank: int):
+    """Rank 0 speaks for the run: one progress line per report, not one per worker."""
+    logger = logging.getLogger(__name__)
+
     def log(msg: str) -> None:
         if rank == 0:
-            # Not print(): Ray Train patches print on workers and the line would show twice.
-            sys.stdout.write(f"[raykit] {msg}\n")
-            sys.stdout.flush()
+            logger.info(msg)
 
     return log
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 
 import numpy as np
@@ -23,13 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykit import storage
-
-from raykit.embed import pipeline, search
 from raykit.cluster import require_shared_storage
 from raykit.config import EmbedJob, JobConfig
 from raykit.data import is_beir, load_beir
+from raykit.embed import pipeline, search
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
+
+log = logging.getLogger(__name__)
 
 QUERY_BLOCK = 4096  # queries scored per pass over the shards
 
@@ -44,7 +46,7 @@ def run(job: JobConfig) -> str:
     out = triplets_path(job)
     require_shared_storage("mine.output" if job.mine.output else "output_dir", out)
     if storage.exists(out):
-        print(f"[raykit] mine: {out} exists; reusing it (delete it to mine again)")
+        log.info(f"mine: {out} exists; reusing it (delete it to mine again)")
         return out
     started = time.time()
     model = cfg.model or job.model.name
@@ -57,7 +59,7 @@ def run(job: JobConfig) -> str:
     beir = load_beir(source, job.data.split)
     pairs = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]
     positives = {q: {d for d, rel in docs.items() if rel > 0} for q, docs in beir.qrels.items()}
-    print(f"[raykit] mine: {len(pairs)} pairs, {len(beir.queries)} queries, corpus {source}, model {model}")
+    log.info(f"mine: {len(pairs)} pairs, {len(beir.queries)} queries, corpus {source}, model {model}")
 
     # 1. The corpus, embedded by the Ray Data pipeline (a rerun finds it committed and skips it).
     store = out.rsplit(".", 1)[0] + ".embeddings"
@@ -104,7 +106,7 @@ def run(job: JobConfig) -> str:
 
     # 5. One write: the file exists only once it is whole.
     storage.put(out, _serialize(rows, out))
-    print(f"[raykit] mine: {len(rows)} triplets x {cfg.num_negatives} negatives -> {out} | {skipped} pairs skipped "
+    log.info(f"mine: {len(rows)} triplets x {cfg.num_negatives} negatives -> {out} | {skipped} pairs skipped "
           f"(too few candidates) | median negative rank {int(np.median(ranks))} | {time.time() - started:.0f} s")
     return out
 

@@ -47,17 +47,18 @@ def flags(evaluation: dict, cfg: EvalConfig) -> list[str]:
     return found
 
 
-def text(evaluation: dict, cfg: EvalConfig) -> str:
+def text(evaluation: dict, cfg: EvalConfig) -> list[str]:
+    """The run's report, one block per log record: the before/after tables, then the guards' flags."""
     parts = []
     if evaluation.get("after"):
-        parts.append(f"[raykit] {cfg.data} ({cfg.split})\n"
+        parts.append(f"{cfg.data} ({cfg.split})\n"
                      + format_table(_by_dim(evaluation.get("before")), _by_dim(evaluation["after"])))
     if evaluation.get("ood_after"):
-        parts.append(f"[raykit] out of domain: {cfg.ood_data} ({cfg.ood_split})\n"
+        parts.append(f"out of domain: {cfg.ood_data} ({cfg.ood_split})\n"
                      + format_table(_by_dim(evaluation.get("ood_before")), _by_dim(evaluation["ood_after"])))
     for line in evaluation.get("flags", []):
-        parts.append(f"[raykit] FLAG {line}")
-    return "\n\n".join(parts)
+        parts.append(f"FLAG {line}")
+    return parts
 
 
 def write_plots(evaluation: dict, cfg: EvalConfig, output_dir: str) -> list[str]:

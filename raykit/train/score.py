@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 
 import numpy as np
@@ -25,6 +26,8 @@ from raykit.config import JobConfig
 from raykit.data import read_pair_file
 from raykit.encoder import Encoder, resolve_model
 from raykit.errors import RaykitError
+
+log = logging.getLogger(__name__)
 
 
 def scored_path(job: JobConfig) -> str:
@@ -40,7 +43,7 @@ def run(job: JobConfig, triplets: str) -> str:
     out = scored_path(job)
     require_shared_storage("teacher.output" if job.teacher.output else "output_dir", out)
     if storage.exists(out):
-        print(f"[raykit] score: {out} exists; reusing it (delete it to score again)")
+        log.info(f"score: {out} exists; reusing it (delete it to score again)")
         return out
     if not cfg.model:
         raise RaykitError(f"loss.name={job.loss.name}: the data has no teacher scores; set teacher.model (a cross-encoder)")
@@ -49,7 +52,7 @@ def run(job: JobConfig, triplets: str) -> str:
     if not any(r["negatives"] for r in rows):
         raise RaykitError(f"{triplets}: no negatives to score against; mine them first (mine.enabled=true)")
     started = time.time()
-    print(f"[raykit] score: {len(rows)} triplets with {cfg.kind} {cfg.model}")
+    log.info(f"score: {len(rows)} triplets with {cfg.kind} {cfg.model}")
 
     quiet_ray_data()
     connect_ray(dashboard=False)
@@ -82,7 +85,7 @@ def run(job: JobConfig, triplets: str) -> str:
         buf.write("".join(json.dumps(r) + "\n" for r in rows).encode())
     storage.put(out, buf.getvalue())
     margins = np.array([r["positive_score"] - s for r in rows for s in r["negative_scores"]])
-    print(f"[raykit] score: {len(rows)} triplets -> {out} | teacher margin pos-neg mean {margins.mean():.3f}, "
+    log.info(f"score: {len(rows)} triplets -> {out} | teacher margin pos-neg mean {margins.mean():.3f}, "
           f"positive above negative in {100 * (margins > 0).mean():.0f}% | {time.time() - started:.0f} s")
     return out
 

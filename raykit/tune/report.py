@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 
@@ -18,8 +19,10 @@ import yaml
 from raykit import storage
 from raykit.config import JobConfig
 from raykit.errors import RaykitError
-from raykit.tune.space import Space, apply
 from raykit.train.driver import schedule_length
+from raykit.tune.space import Space, apply
+
+log = logging.getLogger(__name__)
 
 
 def collect(grid, job: JobConfig, space: Space, num_rows: int) -> list[dict]:
@@ -83,8 +86,8 @@ def write(grid, job: JobConfig, base: JobConfig, space: Space, num_rows: int, ou
     storage.write_text(storage.join(output_dir, "best_job.yaml"), best_job_yaml(job, best, keys, space, output_dir))
     summary["plots"] = write_plots(rows, curve, knee, metric, output_dir)
     storage.write_text(storage.join(output_dir, "sweep_result.json"), _json(summary))
-    print("\n" + md)
-    print(f"\n[raykit] best job: {storage.join(output_dir, 'best_job.yaml')}  "
+    log.info("sweep results\n" + md)
+    log.info(f"best job: {storage.join(output_dir, 'best_job.yaml')}  "
           f"(raykit train {storage.join(output_dir, 'best_job.yaml')})")
     return summary
 

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from raykit.config import JobConfig, SweepConfig
-
-from raykit.jobfile import build, parse_value, read_yaml, set_path
 from raykit.errors import ConfigError
+from raykit.jobfile import build, parse_value, read_yaml, set_path
 
 KINDS = ("choice", "grid", "per_rank", "uniform", "loguniform")
 # Read once on the driver for the whole sweep, or not part of a trial at all.

@@ -14,16 +14,18 @@ best_job.yaml.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from raykit import storage
-
-from raykit.tune import report as sweep_report
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.errors import ConfigError, RaykitError
-from raykit.tune.space import Space, apply
 from raykit.train.driver import make_trainer, prepare
+from raykit.tune import report as sweep_report
+from raykit.tune.space import Space, apply
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "tune"
 
@@ -77,12 +79,12 @@ def run(job: JobConfig, space: Space) -> dict:
                 f"{output_dir} holds a sweep of another job or space ({recorded['space']['path']}); "
                 "use another output_dir, or delete this one to start over"
             )
-        print(f"[raykit] resuming the sweep in {experiment}: finished trials are kept, unfinished ones continue")
+        log.info(f"resuming the sweep in {experiment}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, restart_errored=True,
                                    param_space=space.param_space())
     else:
         storage.write_text(storage.join(output_dir, "sweep.json"), json.dumps(identity, indent=2))
-        print(f"[raykit] sweep: {space.num_trials} trials of {space.path}, {concurrency} at a time, "
+        log.info(f"sweep: {space.num_trials} trials of {space.path}, {concurrency} at a time, "
               f"{total} steps each, validation every {base.train.eval_every} steps, scheduler {settings.scheduler}")
         tuner = tune.Tuner(
             trainable,
@@ -130,10 +132,9 @@ def _searcher(settings, concurrency: int):
     BasicVariantGenerator it did not build itself)."""
     if settings.searcher == "optuna":
         try:
+            import optuna  # noqa: F401
             from ray.tune.search import ConcurrencyLimiter
             from ray.tune.search.optuna import OptunaSearch
-
-            import optuna  # noqa: F401
         except ImportError:
             raise ConfigError("tune.searcher: optuna is not installed; pip install optuna, or use tune.searcher=random") from None
         return ConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=concurrency)
