@@ -6,6 +6,7 @@ import logging
 import os
 import re
 
+import raykit.log
 from raykit.errors import RaykitError
 
 _connected_here = False  # whether this process's ray.init() was raykit's (not a notebook's or a test's)
@@ -17,8 +18,24 @@ def connect_ray(dashboard: bool = True) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(configure_logging=False, **({} if dashboard else {"include_dashboard": False}))
+        # The job's Ray processes (workers, Ray Data's coordinators) log at WARNING unless -v: their
+        # INFO lines (execution plans, "Starting execution") would bury raykit's progress lines.
+        verbose = raykit.log.level() <= logging.DEBUG
+        quiet = ray.LoggingConfig(log_level="DEBUG" if verbose else "WARNING")
+        if not verbose and not os.environ.get("RAY_ADDRESS"):
+            # A local Ray's processes inherit this environment: Ray Data reads its own level from it,
+            # and DeepSpeed on a machine without CUDA need not warn that it chose the CPU.
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+            if not _has_cuda():
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        ray.init(configure_logging=False, logging_config=quiet, **({} if dashboard else {"include_dashboard": False}))
         _connected_here = True
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def disconnect_ray() -> None:

@@ -45,9 +45,7 @@ class DataConfig:
     val_corpus: int = 0
 
     def __post_init__(self):
-        for name in ("num_negatives", "max_examples", "val_queries", "val_corpus"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"data.{name}: {getattr(self, name)} is negative; use 0 (off/all) or more")
+        _not_negative("data", self, ("num_negatives", "max_examples", "val_queries", "val_corpus"), "0 (off/all)")
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,7 @@ class EmbedConfig:
         _positive("embed.batch_size", self.batch_size)
         _positive("embed.shard_mb", self.shard_mb)
         _positive("embed.cpus_per_actor", self.cpus_per_actor)
-        for name in ("dim", "concurrency", "num_gpus", "batch_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"embed.{name}: {getattr(self, name)} is negative; use 0 or more")
+        _not_negative("embed", self, ("dim", "concurrency", "num_gpus", "batch_tokens"))
 
 
 @dataclass(frozen=True)
@@ -210,9 +206,7 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
         _positive("train.log_every", self.log_every)
-        for name in ("epochs", "max_steps", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}: {getattr(self, name)} is negative; use 0 or more")
+        _not_negative("train", self, ("epochs", "max_steps", "checkpoint_every", "eval_every"))
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("train.epochs and train.max_steps are both 0; set one of them above 0")
         if self.l2sp < 0:
@@ -335,9 +329,7 @@ class SweepConfig:
         _choice("tune.scheduler", self.scheduler, ("asha", "none"))
         if self.reduction_factor <= 1:
             raise ConfigError(f"tune.reduction_factor: {self.reduction_factor} must be above 1 (e.g. 3)")
-        for name in ("max_concurrent_trials", "grace_period"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"tune.{name}: {getattr(self, name)} is negative; use 0 (auto) or more")
+        _not_negative("tune", self, ("max_concurrent_trials", "grace_period"), "0 (auto)")
 
 
 def _plain(obj):
@@ -356,3 +348,9 @@ def _choice(name: str, value, allowed: tuple) -> None:
 def _positive(name: str, value) -> None:
     if value <= 0:
         raise ConfigError(f"{name}: {value} must be above 0")
+
+
+def _not_negative(section: str, config, names: tuple[str, ...], zero: str = "0") -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{section}.{name}: {getattr(config, name)} is negative; use {zero} or more")

@@ -31,11 +31,16 @@ def load_job(path: str | Path | None, overrides: list[str] = (), cls=None):
         raw = read_yaml(path, "no such job file; pass the path to a YAML job, e.g. jobs/quickstart.yaml",
                         "the top level must be a mapping of sections (model:, train:, ...)")
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
-        set_path(raw, key.strip().split("."), parse_value(text))
+        set_path(raw, *parse_override(item))
     return build(cls, raw, where)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001): the key path and the typed value."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+    return key.strip().split("."), parse_value(text)
 
 
 def read_yaml(path: str | Path, missing: str, not_mapping: str) -> dict[str, Any]:

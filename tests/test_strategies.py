@@ -18,8 +18,10 @@ def test_lora_trains_only_adapters_of_the_targets(tiny_model):
     assert all(("lora_A" in n or "lora_B" in n) for n in trainable)
     assert all((".query." in n or ".value." in n) for n in trainable)
     assert len(trainable) == 2 * 2 * 2  # 2 layers x {query, value} x {A, B}
-    frozen = [p for n, p in encoder.named_parameters() if not p.requires_grad]
-    assert frozen and all(not p.requires_grad for p in frozen)
+    # Every base weight is still there, and frozen.
+    base = [n for n, p in encoder.named_parameters() if "lora_" not in n]
+    assert len(base) == len(list(Encoder.load(ModelConfig(name=tiny_model)).parameters()))
+    assert not any(p.requires_grad for n, p in encoder.named_parameters() if "lora_" not in n)
 
 
 def test_lora_with_zero_b_equals_the_base_model(tiny_model):

@@ -23,7 +23,7 @@ from typing import Any
 
 from raykit.config import JobConfig, SweepConfig
 from raykit.errors import ConfigError
-from raykit.jobfile import build, parse_value, read_yaml, set_path
+from raykit.jobfile import build, parse_override, read_yaml, set_path
 
 KINDS = ("choice", "grid", "per_rank", "uniform", "loguniform")
 # Read once on the driver for the whole sweep, or not part of a trial at all.
@@ -100,9 +100,9 @@ def load_space(path: str, job: JobConfig, overrides: list[str] = ()) -> Space:
     if set(raw) - {"space", "fixed", "tune"}:
         raise ConfigError(f"{p}: {only} (found {sorted(set(raw) - {'space', 'fixed', 'tune'})})")
     settings_raw = dict(raw.get("tune") or {})
-    for item in overrides:
-        key, _, text = item.partition("=")
-        settings_raw[key.split(".", 1)[1]] = parse_value(text)
+    for item in overrides:  # tune.KEY=VALUE
+        keys, value = parse_override(item)
+        settings_raw[".".join(keys[1:])] = value
     settings = build(SweepConfig, settings_raw, str(p), "tune.")
 
     fixed = raw.get("fixed") or {}
