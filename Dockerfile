@@ -44,6 +44,7 @@ RUN pip install --no-cache-dir --no-deps . \
  && python -c "import importlib.metadata as m, deepspeed, peft, ray, torch, raykit; \
 pin = next(r for r in m.requires('raykit-embed') if r.startswith('ray[')).split('==')[1]; \
 assert ray.__version__ == pin, f'image Ray {ray.__version__} != pyproject pin {pin}: set RAY_TAG to {pin}'; \
+import importlib.resources as r; assert r.files('raykit.jobs').joinpath('quickstart.yaml').is_file(), 'jobs not packaged'; \
 print('raykit', raykit.__version__, '| ray', ray.__version__, '| torch', torch.__version__, '| peft', peft.__version__, '| deepspeed', deepspeed.__version__)"
 
 # The Ray image's own non-root user (uid 1000, group users); k8s/ runs it with runAsNonRoot.
