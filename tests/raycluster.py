@@ -32,25 +32,35 @@ HEAD_IP = "127.0.0.2"
 WORKER_PORTS = 40  # per node: enough for the workers, actors and Ray Data stages of one job
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+_taken: set[int] = set()  # every port handed out here: the kernel may offer a just-closed one again
+
+
+def free_port() -> int:
+    """A port free now and never handed out before by this module (Ray refuses one port for two components)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _taken:
+            _taken.add(port)
+            return port
 
 
 def free_range(n: int) -> int:
-    """The first of n consecutive free ports."""
+    """The first of n consecutive free ports, none handed out before."""
     while True:
         start = free_port()
-        if start + n >= 65000:
+        ports = range(start, start + n)
+        if start + n >= 65000 or _taken & set(ports[1:]):
             continue
         try:
-            for port in range(start, start + n):
+            for port in ports:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
-            return start
         except OSError:
             continue
+        _taken.update(ports)
+        return start
 
 
 @dataclass
