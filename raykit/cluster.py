@@ -26,6 +26,11 @@ def connect_ray(dashboard: bool = True) -> None:
             # A local Ray's processes inherit this environment: Ray Data reads its own level from it,
             # and DeepSpeed on a machine without CUDA need not warn that it chose the CPU.
             os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+            # Ray Train's preemption watcher serves clusters of spot nodes; on this machine alone it
+            # only prints a C++ error line about its constructor arguments.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # Ray's processes would print Ray Data's deprecation notes to itself (exclude_resources).
+            os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
             if not _has_cuda():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
         ray.init(configure_logging=False, logging_config=quiet, **({} if dashboard else {"include_dashboard": False}))
@@ -70,9 +75,18 @@ def require_shared_storage(key: str, path: str) -> None:
         )
 
 
-def raykit_env() -> dict[str, str]:
-    """RAYKIT_* variables, passed on to Ray workers (fault injection in tests, for one)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("RAYKIT_")}
+def actor_count(concurrency: int, num_gpus: float, cpus_per_actor: float, work_items: int) -> int:
+    """How many actors a Ray Data pool gets: `concurrency` when set, else as many as the cluster's
+    GPUs (num_gpus > 0) or CPUs hold at once; never more than there are work items."""
+    import ray
+
+    if not concurrency:
+        resources = ray.cluster_resources()
+        if num_gpus:
+            concurrency = int(resources.get("GPU", 0) // num_gpus)
+        else:
+            concurrency = int(resources.get("CPU", 1) // cpus_per_actor)
+    return max(1, min(concurrency, work_items))
 
 
 def node_count() -> int:

@@ -88,8 +88,8 @@ class EmbedConfig:
     concurrency: int = 0  # encoder actors; 0 = one per GPU (num_gpus > 0) or one per CPU core
     num_gpus: float = 0.0  # per encoder actor; 0 = encode on CPU
     cpus_per_actor: float = 1.0  # per encoder actor; also its torch threads on CPU
-    # auto = bf16 where it is fast (GPUs with bf16, CPUs with AMX), else fp32 | bf16 | fp32.
-    # bf16 embeddings match fp32 to cosine > 0.9999; the manifest records what ran.
+    # auto = bf16 where it is fast (GPUs with bf16, CPUs with AMX; raykit/precision.py), else fp32 |
+    # bf16 | fp32. bf16 embeddings match fp32 to cosine > 0.9999; the manifest records what ran.
     precision: str = "auto"
 
     def __post_init__(self):
@@ -189,13 +189,17 @@ class TrainConfig:
     batch_size: int = 32  # per worker; MNR negatives come from the global batch (x num_workers)
     lr: float = 2e-5  # LoRA wants ~10-50x more than full fine-tuning
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.1  # share of steps with linear warmup, then cosine decay to 0
+    scheduler: str = "cosine"  # after warmup: cosine | linear (both decay to 0) | constant
+    warmup_ratio: float = 0.1  # share of steps with a linear warmup from 0
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 42
-    precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32 | bf16 | fp32
+    precision: str = "auto"  # auto = bf16 where it is fast (GPUs with bf16, CPUs with AMX), else fp32 | bf16 | fp32
     log_every: int = 10  # steps between progress lines and metric reports
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     eval_every: int = 0  # steps between evaluations; 0 = before and after only
+    # Experiment trackers fed from rank 0 at every report, besides metrics.jsonl: any of tensorboard
+    # (<output_dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else <output_dir>/mlruns), wandb
+    report_to: tuple[str, ...] = ()
     # L2-SP: + l2sp * sum ||w - w0||^2 over the trained weights, pulling them toward where they
     # started (the base model): less forgetting out of domain. 0 = off; ZeRO stages 0-2.
     l2sp: float = 0.0
@@ -203,6 +207,9 @@ class TrainConfig:
     def __post_init__(self):
         _choice("train.strategy", self.strategy, ("lora", "full"))
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        for tracker in self.report_to:
+            _choice("train.report_to", tracker, ("tensorboard", "mlflow", "wandb"))
         _positive("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
         _positive("train.log_every", self.log_every)

@@ -46,7 +46,7 @@ def load_beir(path: str, split: str) -> Beir:
     if not storage.exists(qrels_path):
         raise DataError(f"{qrels_path}: no such qrels file; check the split name (e.g. data.split=train)")
     corpus = {
-        _id: (rec.get("title", "") + " " + rec.get("text", "")).strip()
+        _id: doc_text(rec.get("title"), rec.get("text", ""))
         for _id, rec in _read_jsonl_records(corpus_path, id_field="_id")
     }
     all_queries = {_id: rec.get("text", "") for _id, rec in _read_jsonl_records(queries_path, id_field="_id")}
@@ -108,6 +108,22 @@ def validation_queries(beir: Beir, cfg: DataConfig, seed: int) -> list[str]:
                         f"leaves none to train on; hold out fewer (e.g. data.val_queries={max(1, len(ids) // 10)})")
     order = np.random.default_rng(seed).permutation(len(ids))
     return sorted(ids[i] for i in order[: cfg.val_queries])
+
+
+def doc_text(title, text: str) -> str:
+    """A document as every model here reads it: `title text` (BEIR's convention), or the text alone."""
+    return (f"{title} {text}" if isinstance(title, str) and title else text).strip()
+
+
+def write_pair_file(path: str, rows: list[dict]) -> None:
+    """Rows in the pair-file format (what read_pair_file reads back): .jsonl or .parquet by the
+    path's suffix, local or s3://, in one atomic write."""
+    if path.endswith(".parquet"):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        storage.put(path, buf.getvalue())
+    else:
+        storage.put_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def text_id(texts) -> np.ndarray:

@@ -1,12 +1,13 @@
-"""AdamW with linear warmup then cosine decay to zero: the schedule both strategies share."""
+"""AdamW and the learning-rate schedule that both strategies share."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from raykit.config import TrainConfig
+
+# train.scheduler -> transformers' name; each ramps up linearly over warmup_ratio of the steps first.
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def adamw(params, cfg: TrainConfig, optimizer_cls=torch.optim.AdamW) -> torch.optim.Optimizer:
@@ -19,13 +20,9 @@ def adamw(params, cfg: TrainConfig, optimizer_cls=torch.optim.AdamW) -> torch.op
     return optimizer_cls([g for g in groups if g["params"]], lr=cfg.lr)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    warmup = int(total_steps * warmup_ratio)
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """transformers' schedule of the same name: what the HF and sentence-transformers trainers run."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_scheduler(SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=int(total_steps * cfg.warmup_ratio),
+                         num_training_steps=total_steps)

@@ -80,19 +80,9 @@ def list_files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     return found
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    fs, p = filesystem(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(data)
-
-
-def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode())
-
-
 def put(path: str, data: bytes) -> None:
-    """Write a whole file at once: on S3 it appears complete or not at all; locally via rename."""
+    """Write a whole file at once, the only way raykit writes one: on S3 a single PUT (the object
+    appears complete or not at all); locally a temporary file renamed over the target."""
     fs, p = filesystem(path)
     parent = p.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
@@ -101,9 +91,17 @@ def put(path: str, data: bytes) -> None:
             f.write(data)
         return
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, p)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        os.unlink(tmp)  # a failed write leaves neither the file nor its temporary
+        raise
+
+
+def put_text(path: str, text: str) -> None:
+    put(path, text.encode())
 
 
 def copy_dir(src: str, dst: str) -> None:
@@ -159,7 +157,7 @@ def save_png(fig, target: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    write_bytes(target, buf.getvalue())
+    put(target, buf.getvalue())
     return target
 
 

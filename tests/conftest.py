@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-import raykit.log
 import seaweed
+from helpers import S3_ENV
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-QUICKSTART = REPO / "data" / "quickstart"
+import raykit.log
 
-# Test credentials for the throwaway S3 server. Set before Ray starts so its workers inherit them.
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "raykit-test-key",
-    "AWS_SECRET_ACCESS_KEY": "raykit-test-secret-do-not-log",
-    "AWS_REGION": "us-east-1",
-}
+# The throwaway S3 server's credentials, set before Ray starts so that its workers inherit them.
 os.environ.update(S3_ENV)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every 2 s by default; a run of 4 steps waits on that more
+# than it trains. A test-speed setting only: the product leaves Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 raykit.log.setup("INFO")  # as the CLI does: raykit's progress lines on stdout, where tests read them
@@ -84,13 +79,6 @@ def s3_server(tmp_path_factory):
     make_bucket.client = client
     yield make_bucket
     seaweed.stop(proc)
-
-
-def upload_dir(client, local: Path, bucket: str, prefix: str) -> str:
-    for f in local.rglob("*"):
-        if f.is_file():
-            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local)}")
-    return f"s3://{bucket}/{prefix}"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_a_bad_run_ends_with_the_one_line_error_last_and_exit_2(ray_cluster, tiny_model, tmp_path):

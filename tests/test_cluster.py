@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import raycluster
-from conftest import QUICKSTART, REPO, S3_ENV, upload_dir
+from helpers import QUICKSTART, REPO, S3_ENV, upload_dir
 
 UPLOAD_LIMIT = 2_000_000  # bytes: the repository without .git, .venv, runs and results is well under this
 

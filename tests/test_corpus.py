@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import QUICKSTART
+from helpers import QUICKSTART
 
 from raykit.embed import corpus
 from raykit.errors import DataError

@@ -3,7 +3,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import QUICKSTART, upload_dir
+from helpers import QUICKSTART, upload_dir
 
 from raykit.config import DataConfig
 from raykit.data import load_beir, load_training_set, load_validation_set, negative_count

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUICKSTART, REPO, S3_ENV
+from helpers import QUICKSTART, REPO, S3_ENV
 
 from raykit.cli import main
 from raykit.config import EmbedJob
@@ -95,18 +95,20 @@ def test_matryoshka_dim_and_float16_match_the_model_truncated(ray_cluster, tiny_
     np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=2e-3)
 
 
-def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
-    monkeypatch.setenv("RAYKIT_FAIL_AT_SHARD", "2")
-    with pytest.raises(Exception, match="injected failure"):
+    # A real write failure part-way: a folder where shard 2's file goes makes its rename fail.
+    (out / "part-000002.parquet").mkdir(parents=True)
+    with pytest.raises(Exception, match="part-000002.parquet"):
         run(job(tiny_model, str(out)))
+    assert not list(out.glob(".tmp-*"))  # the failed write left no temporary behind
     assert not (out / "manifest.json").exists()  # nothing committed: readers see nothing
     with pytest.raises(RaykitError, match="holds no committed embeddings"):
         search.search(str(out), tiny_model, ["pump"])
     records = {p.name: p.stat().st_mtime_ns for p in (out / "_shards").glob("*.json")}
     assert "part-000002.json" not in records
 
-    monkeypatch.delenv("RAYKIT_FAIL_AT_SHARD")
+    (out / "part-000002.parquet").rmdir()
     capsys.readouterr()
     committed = run(job(tiny_model, str(out)))
     text = capsys.readouterr().out

@@ -45,7 +45,7 @@ def test_model_names_resolve_or_fail_clearly(tmp_path):
 def test_a_model_in_s3_is_fetched_once_per_version_and_embeds_as_the_local_one(s3_server, tiny_model, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from conftest import upload_dir
+    from helpers import upload_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     client = s3_server.client

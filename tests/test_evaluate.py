@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-from conftest import QUICKSTART
 from distributed import run_two
+from helpers import QUICKSTART
 
 from raykit.config import ModelConfig
 from raykit.data import load_beir

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import QUICKSTART, REPO
-from test_train import JOB, overrides
+from helpers import QUICKSTART, REPO
+from helpers import TRAIN_JOB as JOB
+from helpers import train_overrides as overrides
 
 from raykit.cli import main
 from raykit.data import load_beir

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 CRDS = REPO.parent / "shared" / "kuberay-crds" / "v1.7.0"
 K8S = REPO / "k8s"

@@ -4,35 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART, REPO, upload_dir
+from helpers import QUICKSTART, kill_a_worker_after_checkpoint, refused, upload_dir
+from helpers import TRAIN_JOB as JOB
+from helpers import train_overrides as overrides
 
 from raykit.cli import main
 from raykit.data import load_beir
+from raykit.errors import RaykitError
 from raykit.evaluate import score_rankings
-
-JOB = str(REPO / "jobs" / "quickstart.yaml")
-
-
-def overrides(tiny_model, out, *extra):
-    return [
-        f"output_dir={out}",
-        f"model.name={tiny_model}",
-        "model.max_seq_length=32",
-        f"data.train={QUICKSTART}",
-        f"eval.data={QUICKSTART}",
-        "eval.dims=[16,32]",
-        "train.batch_size=8",
-        "train.max_steps=4",
-        "train.log_every=1",
-        "scaling.num_workers=2",
-        "scaling.cpus_per_worker=1",
-        *extra,
-    ]
+from raykit.jobfile import load_job
+from raykit.train import driver
 
 
 def st_ndcg(model_dir: str, dim: int = 32) -> float:
@@ -63,45 +47,67 @@ def check_outputs(out: Path) -> dict:
     return summary
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [
-        ["train.strategy=lora", "lora.rank=4", "train.lr=1e-2", "train.eval_every=2"],
-        ["train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3"],
-        ["train.strategy=full", "deepspeed.zero_stage=3", "train.lr=1e-3"],
-    ],
-    ids=["lora", "zero2", "zero3"],
-)
-def test_train_two_workers(ray_cluster, tiny_model, tmp_path, strategy):
-    out = tmp_path / "run"
-    assert main(["train", JOB, *overrides(tiny_model, out, *strategy)]) == 0
+def check_run(out: Path, tiny_model: str, strategy: str) -> tuple[dict, list[dict]]:
+    """What every finished run leaves: the summary, metrics, a model that changed, its card and plots."""
     summary = check_outputs(out)
-    assert summary["steps"] == 4 and summary["resumed_from"] == []
     evaluation = summary["eval"]
+    assert summary["steps"] == 4
     assert evaluation["after"]["32"]["ndcg@10"] != evaluation["before"]["32"]["ndcg@10"], "the model did not change"
-    assert (out / "adapter").is_dir() == (strategy[0] == "train.strategy=lora")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    periodic = [m["step"] for m in metrics if "ndcg@10/32" in m]
-    assert periodic == ([2] if "train.eval_every=2" in strategy else [])
+    assert (out / "adapter").is_dir() == (strategy == "lora")
+    card = (out / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n") and f"fine-tuned from `{tiny_model}`" in card
+    after = evaluation["after"]["32"]["ndcg@10"]
+    assert f"| 32 | {evaluation['before']['32']['ndcg@10']:.4f} | {after:.4f} |" in card
+    assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_failed_worker_group_restarts_from_checkpoint(ray_cluster, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAYKIT_FAIL_AT_STEP", "3")
+def test_lora_on_two_workers_reports_to_tensorboard_and_mlflow(ray_cluster, tiny_model, tmp_path):
     out = tmp_path / "run"
-    args = overrides(tiny_model, out, "train.checkpoint_every=2", "run.max_failures=1", "lora.rank=4")
-    assert main(["train", JOB, *args]) == 0
-    summary = check_outputs(out)
+    extra = ["lora.rank=4", "train.lr=1e-2", "train.eval_every=2", "train.report_to=[tensorboard,mlflow]"]
+    assert main(["train", JOB, *overrides(tiny_model, out, *extra)]) == 0
+    summary, metrics = check_run(out, tiny_model, "lora")
+    assert summary["resumed_from"] == []
+    assert [m["step"] for m in metrics if "ndcg@10/32" in m] == [2]  # train.eval_every
+    check_trackers(out, metrics)
+
+
+def test_zero2_recovers_from_a_killed_worker(ray_cluster, tiny_model, tmp_path):
+    """A worker SIGKILLed after the step-2 checkpoint: Ray Train restarts the group from it by itself."""
+    out = tmp_path / "run"
+    extra = ["train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3", "train.checkpoint_every=2", "run.max_failures=1"]
+    driver.run(load_job(JOB, overrides(tiny_model, out, *extra)), callbacks=[kill_a_worker_after_checkpoint(step=2)])
+    summary, _ = check_run(out, tiny_model, "full")
     assert summary["resumed_from"] == [2]
 
 
-def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, monkeypatch, capsys):
+def check_trackers(out: Path, metrics: list[dict]) -> None:
+    """The TensorBoard event files and the MLflow store hold what metrics.jsonl holds, read back by
+    their own readers."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(m["step"], round(m["loss"], 5)) for m in metrics]
+    assert [e.step for e in events.Scalars("ndcg@10/32")] == [2]
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as raykit's workers set it for its default store
+    client = MlflowClient((out / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("raykit").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "run" and runs[0].data.params["lora.rank"] == "4"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert [(h.step, round(h.value, 5)) for h in history] == [(m["step"], round(m["loss"], 5)) for m in metrics]
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "ndcg_at_10/32")] == [2]
+    assert runs[0].info.status == "FINISHED"
+
+
+def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, capsys):
     out = tmp_path / "run"
     args = overrides(tiny_model, out, "train.checkpoint_every=2", "lora.rank=4")
-    monkeypatch.setenv("RAYKIT_FAIL_AT_STEP", "3")
-    assert main(["train", JOB, *args]) == 2
-    assert "rerun the same command to resume" in capsys.readouterr().err
+    with pytest.raises(RaykitError, match="rerun the same command to resume"):  # run.max_failures=0
+        driver.run(load_job(JOB, args), callbacks=[kill_a_worker_after_checkpoint(step=2)])
     assert not (out / "run.json").exists() and not (out / "model").exists()
-    monkeypatch.delenv("RAYKIT_FAIL_AT_STEP")
     assert main(["train", JOB, *args]) == 0
     summary = check_outputs(out)
     assert summary["resumed_from"] == [2]
@@ -109,21 +115,25 @@ def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, monkey
     assert "this run is complete" in capsys.readouterr().out
 
 
-def test_s3_data_and_output(ray_cluster, tiny_model, s3_server, tmp_path):
+def test_zero3_with_data_and_output_in_s3(ray_cluster, tiny_model, s3_server, tmp_path):
     import boto3
 
     bucket = s3_server()
     data = upload_dir(s3_server.client, QUICKSTART, bucket, "data/quickstart")
     out = f"s3://{bucket}/runs/one"
-    args = overrides(tiny_model, out, f"data.train={data}", f"eval.data={data}", "scaling.num_workers=1", "lora.rank=4")
-    assert main(["train", JOB, *args]) == 0
+    extra = ["train.strategy=full", "deepspeed.zero_stage=3", "train.lr=1e-3", "train.report_to=[tensorboard]"]
+    assert main(["train", JOB, *overrides(tiny_model, out, f"data.train={data}", f"eval.data={data}", *extra)]) == 0
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="runs/one/")["Contents"]}
-    for name in ("run.json", "eval.json", "metrics.jsonl", "model/model.safetensors", "model/modules.json",
-                 "adapter/adapter_config.json"):
+    for name in ("run.json", "eval.json", "metrics.jsonl", "loss_curve.png", "model/model.safetensors",
+                 "model/modules.json", "model/README.md"):
         assert f"runs/one/{name}" in keys, name
+    assert any(k.startswith("runs/one/tensorboard/events.out.tfevents.") for k in keys)  # copied up from the worker
     assert any(k.startswith("runs/one/checkpoints/checkpoint_") for k in keys)
     run_json = s3_server.client.get_object(Bucket=bucket, Key="runs/one/run.json")["Body"].read().decode()
+    assert json.loads(run_json)["steps"] == 4
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in run_json and os.environ["AWS_ACCESS_KEY_ID"] not in run_json
+    metrics = s3_server.client.get_object(Bucket=bucket, Key="runs/one/metrics.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["step"] for line in metrics.splitlines()] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -137,14 +147,7 @@ def test_s3_data_and_output(ray_cluster, tiny_model, s3_server, tmp_path):
         (["train.lrr=1"], "did you mean 'train.lr'"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2_before_ray(tiny_model, tmp_path, extra, message):
+def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tiny_model, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "raykit", "train", JOB, *overrides(tiny_model, out, *extra)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = proc.stderr.strip().splitlines()
-    assert err[-1].startswith("raykit: error: ") and message in err[-1], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert message in refused(capsys, "train", JOB, *overrides(tiny_model, out, *extra))
     assert not out.exists()  # nothing half-written

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from raykit import storage
+from raykit.data import doc_text
 from raykit.errors import DataError
 
 SUFFIXES = (".jsonl", ".parquet")
@@ -133,7 +134,7 @@ def _read_parquet(shard: Shard) -> tuple[list[str], list[str]]:
         if i is None or not isinstance(t, str):
             row = sum(pf.metadata.row_group(g).num_rows for g in range(shard.start)) + n + 1
             raise DataError(f"{shard.path}: row {row}: {'id is null' if i is None else 'text is not a string'}")
-    return ids, [_join(title, text) for title, text in zip(titles, texts)]
+    return ids, [doc_text(title, text) for title, text in zip(titles, texts)]
 
 
 def _read_jsonl(shard: Shard) -> tuple[list[str], list[str]]:
@@ -156,7 +157,7 @@ def _read_jsonl(shard: Shard) -> tuple[list[str], list[str]]:
             what = "no 'id' or '_id' field" if _id is None else "'text' is missing or not a string"
             raise DataError(f"{shard.path}:{_line_number(shard, line_start)}: {what}; every line needs id and text")
         ids.append(str(_id))
-        texts.append(_join(rec.get("title"), text))
+        texts.append(doc_text(rec.get("title"), text))
     return ids, texts
 
 
@@ -197,6 +198,3 @@ def _line_number(shard: Shard, offset: int) -> int:
     with fs.open_input_file(p) as f:
         return f.read(offset).count(b"\n") + 1
 
-
-def _join(title, text: str) -> str:
-    return (f"{title} {text}" if isinstance(title, str) and title else text).strip()

@@ -17,18 +17,18 @@ import ctypes
 import hashlib
 import json
 import logging
-import os
 import time
 from datetime import datetime, timezone
 
 import numpy as np
 
 from raykit import __version__, storage
-from raykit.cluster import connect_ray, node_count, quiet_ray_data, require_shared_storage, user_error
+from raykit.cluster import actor_count, connect_ray, node_count, quiet_ray_data, require_shared_storage, user_error
 from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
+from raykit.precision import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +103,10 @@ def run(job: EmbedJob) -> dict:
 
 
 def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict):
-    import ray
     import ray.data
 
     cfg = job.embed
-    resources = ray.cluster_resources()
-    if cfg.num_gpus:
-        actors = cfg.concurrency or max(1, int(resources.get("GPU", 0) // cfg.num_gpus))
-    else:
-        actors = cfg.concurrency or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor))
-    actors = min(actors, len(todo))
+    actors = actor_count(cfg.concurrency, cfg.num_gpus, cfg.cpus_per_actor, len(todo))
 
     # Reading + tokenizing and writing are light next to the forward pass: small actor pools that
     # take no CPU reservation (the encoders hold the cores) and grow with the encoders, not with the
@@ -121,7 +115,6 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
         return {"fn": cls, "fn_constructor_kwargs": kwargs, "batch_size": 1, "num_cpus": 0,
                 "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors))}
 
-    fail_at = int(os.environ.get("RAYKIT_FAIL_AT_SHARD", "-1"))  # tests: a crash part-way
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(**light(_TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"]))
     ds = ds.map_batches(
@@ -142,7 +135,7 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
         num_gpus=cfg.num_gpus,
         num_cpus=cfg.cpus_per_actor,
     )
-    return ds.map_batches(**light(_WriteShards, output=output, identity=identity, fail_at=fail_at))
+    return ds.map_batches(**light(_WriteShards, output=output, identity=identity))
 
 
 class _TokenizeShards:
@@ -162,11 +155,11 @@ class _TokenizeShards:
 
 
 class _WriteShards:
-    def __init__(self, output: str, identity: dict, fail_at: int):
-        self.output, self.identity, self.fail_at = output, identity, fail_at
+    def __init__(self, output: str, identity: dict):
+        self.output, self.identity = output, identity
 
     def __call__(self, batch: dict) -> dict:
-        out = _write_shard({k: v[0] for k, v in batch.items()}, self.output, self.identity, self.fail_at)
+        out = _write_shard({k: v[0] for k, v in batch.items()}, self.output, self.identity)
         return {k: [v] for k, v in out.items()}
 
 
@@ -218,7 +211,7 @@ class _EncodeShards:
         if mine != fingerprint:  # e.g. a hub id that resolved to another revision on this node
             raise RaykitError(f"model: {model} loaded on this node as {_short(mine)}, on the driver as {_short(fingerprint)}; pin one revision or use a folder on shared storage")
         self.encoder = encoder.to(self.device).eval()
-        self.bf16 = fast_bf16(precision, self.device)
+        self.bf16 = use_bf16(precision, self.device)
         self.pad = encoder.tokenizer.pad_token_id or 0
         self.dim, self.dtype, self.batch_size = dim, np.dtype(dtype), batch_size
         # Tokens per batch bound the activations: on a CPU a batch that fits in cache runs ~1.5x
@@ -266,24 +259,10 @@ class _EncodeShards:
             start += n
 
 
-def fast_bf16(precision: str, device) -> bool:
-    """Whether to run in bf16: asked for, or `auto` on hardware where bf16 matmuls are fast."""
-    import torch
-
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # Intel AMX: bf16 tiles in hardware
-    return bool(amx())
-
-
-def _write_shard(row: dict, output: str, identity: dict, fail_at: int) -> dict:
+def _write_shard(row: dict, output: str, identity: dict) -> dict:
     shard = corpus.Shard(**json.loads(row["shard"]))
     ids = json.loads(row["ids"])
     emb = np.frombuffer(row["embedding"], dtype=np.dtype(identity["dtype"])).reshape(len(ids), identity["dim"])
-    if shard.index == fail_at:
-        raise RuntimeError(f"RAYKIT_FAIL_AT_SHARD={fail_at}: injected failure before writing {shard.name}")
     data = manifest.shard_bytes(ids, emb)
     storage.put(storage.join(output, shard.name + ".parquet"), data)
     record = {

@@ -14,7 +14,7 @@ import torch
 
 from raykit.config import DeepSpeedConfig, JobConfig, TrainConfig
 from raykit.encoder import Encoder
-from raykit.optim import adamw, warmup_cosine
+from raykit.optim import adamw, lr_schedule
 from raykit.strategies import Anchor
 
 CHECKPOINT_TAG = "zero"
@@ -53,7 +53,7 @@ class DeepSpeedTrainee:
 
             optimizer_cls = DeepSpeedCPUAdam
         optimizer = adamw(encoder.parameters(), job.train, optimizer_cls)
-        scheduler = warmup_cosine(optimizer, total_steps, job.train.warmup_ratio)
+        scheduler = lr_schedule(optimizer, job.train, total_steps)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=encoder,
             optimizer=optimizer,

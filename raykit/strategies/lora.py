@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from raykit.config import JobConfig, LoraConfig
 from raykit.encoder import Encoder
 from raykit.errors import ConfigError
-from raykit.optim import adamw, warmup_cosine
+from raykit.optim import adamw, lr_schedule
 from raykit.strategies import Anchor
 
 POOLER = r".*pooler.*"
@@ -74,7 +74,7 @@ class LoraTrainee:
             else encoder
         )
         self.optimizer = adamw(self.params, job.train)
-        self.scheduler = warmup_cosine(self.optimizer, total_steps, job.train.warmup_ratio)
+        self.scheduler = lr_schedule(self.optimizer, job.train, total_steps)
         self.anchor = Anchor(self.params) if job.train.l2sp else None
 
     def drift(self) -> torch.Tensor:

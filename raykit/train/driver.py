@@ -17,19 +17,23 @@ import torch
 
 import raykit.log
 from raykit import storage
-from raykit.cluster import connect_ray, raykit_env, require_shared_storage
+from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.data import load_beir, load_training_set, load_validation_set
 from raykit.encoder import resolve_model
 from raykit.errors import RaykitError
-from raykit.train import report
+from raykit.train import report, tracking
+from raykit.train.card import model_card
 from raykit.train.loop import STATE_FILE, train_fn_per_worker
 
 log = logging.getLogger(__name__)
 
 
-def run(job: JobConfig) -> dict:
-    """Validate, train on Ray, and write output_dir. Returns the run summary (also run.json)."""
+def run(job: JobConfig, callbacks=()) -> dict:
+    """Validate, train on Ray, and write output_dir. Returns the run summary (also run.json).
+
+    `callbacks`: Ray Train `UserCallback`s, run on the controller after every report.
+    """
     import ray.train
 
     output_dir = storage.resolve(job.output_dir)
@@ -41,7 +45,7 @@ def run(job: JobConfig) -> dict:
 
     job, inputs = prepare(job)
     connect_ray()
-    trainer = make_trainer(job, inputs, storage_path=output_dir, name="checkpoints")
+    trainer = make_trainer(job, inputs, storage_path=output_dir, name="checkpoints", callbacks=callbacks)
     started = time.time()
     try:
         result = trainer.fit()
@@ -52,19 +56,27 @@ def run(job: JobConfig) -> dict:
             f"training failed ({str(e).strip().splitlines()[0]}); the traceback is above. "
             f"Checkpoints are in {where}: rerun the same command to resume from the latest."
         ) from None
-    with result.checkpoint.as_directory() as path:
+    summary = _write_outputs(result.checkpoint, job, inputs, output_dir, started)
+    for block in report.text(summary["eval"], job.eval):
+        log.info(block)
+    log.info(f"model: {summary['model']}  ({summary['seconds']}s)")
+    return summary
+
+
+def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, started: float) -> dict:
+    """output_dir from the final checkpoint: the model, eval.json, the plots, the model card, and
+    run.json last (it marks the run complete)."""
+    with checkpoint.as_directory() as path:
         for name in ("model", "adapter"):
             if Path(path, name).is_dir():
                 storage.copy_dir(str(Path(path, name)), storage.join(output_dir, name))
-        if Path(path, "metrics.jsonl").is_file():
-            storage.write_text(storage.join(output_dir, "metrics.jsonl"), Path(path, "metrics.jsonl").read_text())
         evaluation = json.loads(Path(path, "eval.json").read_text()) if Path(path, "eval.json").is_file() else {}
         state = json.loads(Path(path, STATE_FILE).read_text())
     if evaluation:
         evaluation["flags"] = report.flags(evaluation, job.eval)
-        storage.write_text(storage.join(output_dir, "eval.json"), json.dumps(evaluation, indent=2))
+        storage.put_text(storage.join(output_dir, "eval.json"), json.dumps(evaluation, indent=2))
         report.write_plots(evaluation, job.eval, output_dir)
-
+    report.write_loss_curve(state["history"], output_dir)
     summary = {
         "output_dir": output_dir,
         "model": storage.join(output_dir, "model"),
@@ -75,11 +87,8 @@ def run(job: JobConfig) -> dict:
         "eval": evaluation,
         "config": job.to_dict(),
     }
-    storage.write_text(summary_path, json.dumps(summary, indent=2))  # written last: marks the run complete
-    if evaluation:
-        for block in report.text(evaluation, job.eval):
-            log.info(block)
-    log.info(f"model: {summary['model']}  ({summary['seconds']}s)")
+    storage.put_text(storage.join(summary["model"], "README.md"), model_card(job, evaluation, summary))
+    storage.put_text(storage.join(output_dir, "run.json"), json.dumps(summary, indent=2))
     return summary
 
 
@@ -90,6 +99,7 @@ def prepare(job: JobConfig) -> tuple[JobConfig, dict]:
     every worker gets: the training table, the evaluation, out-of-domain and validation sets.
     """
     check_model(job)
+    tracking.check(job)
     if job.mine.enabled or (job.loss.distill and job.teacher.model):
         # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
         # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
@@ -141,8 +151,8 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
-            # RAYKIT_* settings of the submitting shell reach the workers too
-            worker_runtime_env={"env_vars": env} if (env := raykit_env()) else None,
+            # the trackers' settings (MLFLOW_TRACKING_URI, WANDB_PROJECT, ...) of the submitting shell
+            worker_runtime_env={"env_vars": env} if (env := tracking.worker_env()) else None,
             callbacks=list(callbacks),
         ),
         datasets={"train": ray.data.from_arrow(inputs["table"])},

@@ -25,7 +25,9 @@ from raykit.data import Beir, negative_count
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
 from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
+from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
+from raykit.train.tracking import RunLog
 
 STATE_FILE = "state.json"
 
@@ -35,7 +37,6 @@ def train_fn_per_worker(config: dict) -> None:
     import ray.train.torch
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, once per worker
-    _quiet_ray_train_reports()
     job: JobConfig = config["job"]
     sets = {"eval": config["eval_set"], "ood": config.get("ood_set"), "val": config.get("val_set")}
     steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
@@ -45,6 +46,7 @@ def train_fn_per_worker(config: dict) -> None:
     torch.set_num_threads(job.scaling.cpus_per_worker)
     device = ray.train.torch.get_device()
     raykit.log.setup(config["log_level"])
+    _quiet_ray_train_reports()
     log = _rank0_logger(rank)
 
     # Model, wrapped for the strategy.
@@ -54,6 +56,7 @@ def train_fn_per_worker(config: dict) -> None:
     # Resume: the latest checkpoint of this output_dir, after a rerun or a worker-group restart.
     checkpoint = ray.train.get_checkpoint()
     state = _resume(trainee, checkpoint, total_steps, log)
+    run_log = RunLog(job, state, rank)  # metrics.jsonl and the trackers, as training goes
 
     def run_eval(beir: Beir) -> dict:
         return evaluate(trainee.encoder, beir, job.eval.dims, job.eval.batch_size, device, trainee.module)
@@ -73,9 +76,6 @@ def train_fn_per_worker(config: dict) -> None:
             grad_norm = trainee.step(loss)
             step += 1
             meter.steps += 1
-            if checkpoint is None and os.environ.get("RAYKIT_FAIL_AT_STEP") == str(step):
-                # Fault injection for the restart tests: fail once, on a run that did not resume.
-                raise RuntimeError(f"RAYKIT_FAIL_AT_STEP={step}: injected worker failure")
 
             do_eval, do_val = _evaluations_due(job, step, total_steps, sets)
             if step % job.train.log_every == 0 or step == total_steps or do_eval or do_val:
@@ -93,7 +93,7 @@ def train_fn_per_worker(config: dict) -> None:
                     metrics.update(last_val)
                     log(_eval_line(f"step {step} validation", results))
                 eval_s = time.perf_counter() - meter.reported_at
-                state["history"].append(metrics)
+                run_log.log(metrics)
                 ray.train.report(metrics)
                 meter.restart(eval_s)
 
@@ -105,6 +105,7 @@ def train_fn_per_worker(config: dict) -> None:
                 break
 
     state["step"] = step
+    run_log.close()
     log(f"training took {_duration(meter.elapsed())}")
     after = _evaluate_fine_tuned(state, sets, run_eval, log)
     log("exporting the model")
@@ -144,12 +145,6 @@ def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
     if job.train.l2sp:
         loss = loss + job.train.l2sp * trainee.drift()
     return loss
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
 
 
 # --- the loop's decisions ----------------------------------------------------------------------------
@@ -254,7 +249,6 @@ def _report_checkpoint(trainee, state, rank, step, metrics, export=False, eval_a
                 evaluation = {"before": state["eval_before"], "after": eval_after,
                               "ood_before": state.get("ood_before"), "ood_after": state.get("ood_after")}
                 Path(tmp, "eval.json").write_text(json.dumps(evaluation, indent=2))
-                Path(tmp, "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in state["history"]))
         has_files = any(Path(tmp).iterdir())
         ray.train.report(
             metrics,
@@ -288,11 +282,12 @@ def _eval_line(label: str, results: dict) -> str:
 def _quiet_ray_train_reports() -> None:
     """Our progress line replaces Ray Train's "Reporting training result" line at every report.
 
-    Ray Train names that logger by its file path, not its module, so LoggingConfig doesn't reach it.
+    Ray Train sets a worker's root logger to INFO, and that line comes from a logger named by its file
+    path, which propagates to root. `raykit` records don't propagate, so a root at WARNING (unless -v)
+    drops only the libraries' INFO lines.
     """
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    if raykit.log.level() > logging.DEBUG:
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def _rank0_logger(rank: int):

@@ -14,19 +14,15 @@
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raykit import storage
 from raykit.cluster import require_shared_storage
 from raykit.config import EmbedJob, JobConfig
-from raykit.data import is_beir, load_beir
+from raykit.data import is_beir, load_beir, write_pair_file
 from raykit.embed import pipeline, search
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
@@ -105,16 +101,8 @@ def run(job: JobConfig) -> str:
         raise RaykitError(f"mine: no pair kept {cfg.num_negatives} negatives; lower mine.range_min or mine.margin, or raise mine.top_k")
 
     # 5. One write: the file exists only once it is whole.
-    storage.put(out, _serialize(rows, out))
+    write_pair_file(out, rows)
     log.info(f"mine: {len(rows)} triplets x {cfg.num_negatives} negatives -> {out} | {skipped} pairs skipped "
           f"(too few candidates) | median negative rank {int(np.median(ranks))} | {time.time() - started:.0f} s")
     return out
-
-
-def _serialize(rows: list[dict], path: str) -> bytes:
-    if path.endswith(".parquet"):
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buf)
-        return buf.getvalue()
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 

@@ -11,19 +11,16 @@ the teacher in a Ray Data actor pool, and writes the triplets again with `positi
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raykit import storage
-from raykit.cluster import connect_ray, quiet_ray_data, require_shared_storage, user_error
+from raykit.cluster import actor_count, connect_ray, quiet_ray_data, require_shared_storage, user_error
 from raykit.config import JobConfig
-from raykit.data import read_pair_file
+from raykit.data import read_pair_file, write_pair_file
 from raykit.encoder import Encoder, resolve_model
 from raykit.errors import RaykitError
 
@@ -36,7 +33,6 @@ def scored_path(job: JobConfig) -> str:
 
 def run(job: JobConfig, triplets: str) -> str:
     """Write `triplets` with teacher scores; returns the new file (reused if already written)."""
-    import ray
     import ray.data
 
     cfg = job.teacher
@@ -56,18 +52,13 @@ def run(job: JobConfig, triplets: str) -> str:
 
     quiet_ray_data()
     connect_ray(dashboard=False)
-    resources = ray.cluster_resources()
-    if cfg.num_gpus:
-        actors = cfg.concurrency or max(1, int(resources.get("GPU", 0) // cfg.num_gpus))
-    else:
-        actors = cfg.concurrency or max(1, int(resources.get("CPU", 1)))
     items = [{"i": i, "query": r["query"], "docs": json.dumps([r["positive"], *r["negatives"]])} for i, r in enumerate(rows)]
     ds = ray.data.from_items(items).map_batches(
         _Teacher,
         fn_constructor_kwargs={"model": cfg.model, "kind": cfg.kind, "max_seq_length": cfg.max_seq_length,
                                "batch_size": cfg.batch_size, "scale": job.loss.scale},
         batch_size=max(1, cfg.batch_size // 4),  # rows per call; each row is 1 + k pairs
-        compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))),
+        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg.concurrency, cfg.num_gpus, 1, len(items))),
         num_gpus=cfg.num_gpus,
         num_cpus=0 if cfg.num_gpus else 1,
     )
@@ -78,12 +69,7 @@ def run(job: JobConfig, triplets: str) -> str:
             rows[result["i"]]["negative_scores"] = scores[1:]
     except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
         raise user_error(e) or e
-    buf = io.BytesIO()
-    if out.endswith(".parquet"):
-        pq.write_table(pa.Table.from_pylist(rows), buf)
-    else:
-        buf.write("".join(json.dumps(r) + "\n" for r in rows).encode())
-    storage.put(out, buf.getvalue())
+    write_pair_file(out, rows)
     margins = np.array([r["positive_score"] - s for r in rows for s in r["negative_scores"]])
     log.info(f"score: {len(rows)} triplets -> {out} | teacher margin pos-neg mean {margins.mean():.3f}, "
           f"positive above negative in {100 * (margins > 0).mean():.0f}% | {time.time() - started:.0f} s")

@@ -21,6 +21,7 @@ from raykit import storage
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.errors import ConfigError, RaykitError
+from raykit.train import tracking
 from raykit.train.driver import make_trainer, prepare
 from raykit.tune import report as sweep_report
 from raykit.tune.space import Space, apply
@@ -41,7 +42,8 @@ def trial_job(job: JobConfig, space: Space) -> JobConfig:
             f"data.val_queries: 0; a sweep ranks trials on training queries held out from training. "
             f"Set it in {space.path} (fixed: {{data.val_queries: 100}}) or on the command line (data.val_queries=100)"
         )
-    return apply(trial, {"eval.data": "", "eval.ood_data": "", "eval.before": False}, "sweep")
+    # Trackers hear from Tune (one run per trial, its sampled values as parameters), not from the workers.
+    return apply(trial, {"eval.data": "", "eval.ood_data": "", "eval.before": False, "train.report_to": []}, "sweep")
 
 
 def run(job: JobConfig, space: Space) -> dict:
@@ -52,6 +54,7 @@ def run(job: JobConfig, space: Space) -> dict:
     settings = space.settings
     output_dir = storage.resolve(job.output_dir)
     require_shared_storage("output_dir", output_dir)
+    tracking.check(job, sweep=True)
     base, inputs = prepare(trial_job(job, space))
     total = inputs["total_steps"]
     if not base.train.eval_every:  # four validations per trial: ASHA's rungs need points to compare
@@ -83,7 +86,7 @@ def run(job: JobConfig, space: Space) -> dict:
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, restart_errored=True,
                                    param_space=space.param_space())
     else:
-        storage.write_text(storage.join(output_dir, "sweep.json"), json.dumps(identity, indent=2))
+        storage.put_text(storage.join(output_dir, "sweep.json"), json.dumps(identity, indent=2))
         log.info(f"sweep: {space.num_trials} trials of {space.path}, {concurrency} at a time, "
               f"{total} steps each, validation every {base.train.eval_every} steps, scheduler {settings.scheduler}")
         tuner = tune.Tuner(
@@ -96,7 +99,8 @@ def run(job: JobConfig, space: Space) -> dict:
                 search_alg=_searcher(settings, concurrency),
                 scheduler=_scheduler(settings, total, grace),
             ),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=output_dir, verbose=1),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=output_dir, verbose=1,
+                                      callbacks=_trackers(job.train.report_to, output_dir)),
         )
     grid = tuner.fit()
     # A trial Tune stopped on Ctrl-C (or SIGUSR1) counts as terminated; only a finished or
@@ -115,10 +119,35 @@ def _trial(params: dict, base: JobConfig, space: Space, inputs: dict, trials_dir
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    job = apply(base, space.values(params, base), f"trial {params}")
     trial_id = ray.tune.get_context().get_trial_id()
+    # The trial's own folder, beside its checkpoints, for what the workers write (metrics.jsonl).
+    values = {**space.values(params, base), "output_dir": storage.join(trials_dir, trial_id)}
+    job = apply(base, values, f"trial {params}")
     # A fixed name per trial: a restored sweep resumes the trial's own Train run from its checkpoints.
     make_trainer(job, inputs, storage_path=trials_dir, name=trial_id, callbacks=[TuneReportCallback()]).fit()
+
+
+def _trackers(names: tuple[str, ...], output_dir: str) -> list:
+    """Ray Tune's own logger callbacks for train.report_to: one tracker run per trial."""
+    callbacks = []
+    if "tensorboard" in names:  # event files in each trial's folder under <output_dir>/tune
+        from ray.tune.logger.tensorboardx import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if "mlflow" in names:
+        from ray.tune.logger.mlflow import MLflowLoggerCallback
+
+        class MLflowTrials(MLflowLoggerCallback):
+            def log_trial_result(self, iteration, trial, result):  # metric names MLflow accepts
+                super().log_trial_result(iteration, trial, {tracking.mlflow_name(k): v for k, v in result.items()})
+
+        callbacks.append(MLflowTrials(tracking_uri=tracking.mlflow_uri(output_dir),
+                                      experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.EXPERIMENT))
+    if "wandb" in names:
+        from ray.tune.logger.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT") or tracking.EXPERIMENT))
+    return callbacks
 
 
 def _fits(resources: dict, job: JobConfig) -> int:
