@@ -98,7 +98,7 @@ def check_trackers(out: Path, metrics: list[dict]) -> None:
     assert len(runs) == 1 and runs[0].info.run_name == "run" and runs[0].data.params["lora.rank"] == "4"
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     assert [(h.step, round(h.value, 5)) for h in history] == [(m["step"], round(m["loss"], 5)) for m in metrics]
-    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "ndcg_at_10/32")] == [2]
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "ndcg_at_10.dim32")] == [2]
     assert runs[0].info.status == "FINISHED"
 
 

@@ -49,16 +49,18 @@ def worker_env() -> dict[str, str]:
 def mlflow_uri(output_dir: str) -> str:
     """MLFLOW_TRACKING_URI, else a file store beside the run: <output_dir>/mlruns (`mlflow ui
     --backend-store-uri <output_dir>/mlruns` shows it)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    # MLflow 3 refuses a file store unless asked: it is the one store that needs no server or database.
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return Path(output_dir, "mlruns").resolve().as_uri()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or Path(output_dir, "mlruns").resolve().as_uri()
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses a file store unless asked: it is the one store that needs no server or database.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
 
 
 def mlflow_name(key: str) -> str:
-    """MLflow allows letters, digits and _-. /: in metric names: ndcg@10/32 becomes ndcg_at_10/32."""
-    return key.replace("@", "_at_")
+    """A metric name MLflow takes: no `@`, and no `/` (its file store makes `a/b` a folder, which
+    clashes with a metric `a`): ndcg@10/32 becomes ndcg_at_10.dim32."""
+    name, _, dim = key.partition("/")
+    return name.replace("@", "_at_") + (f".dim{dim}" if dim else "")
 
 
 def params(job: JobConfig) -> dict[str, str]:
