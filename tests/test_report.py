@@ -1,4 +1,4 @@
-"""The run report: truncation-cliff and forgetting flags, and the plots."""
+"""The run report: truncation-cliff and forgetting flags, the plots, and the model card."""
 
 from __future__ import annotations
 
@@ -27,3 +27,39 @@ def test_cliff_and_forgetting_are_flagged_and_healthy_runs_are_not(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in written] == ["ndcg_by_dim.png", "forgetting.png"]
     for p in written:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_card_carries_the_recipe_the_tables_and_the_flags():
+    from raykit.jobfile import load_job
+    from raykit.train.card import model_card
+
+    job = load_job(None, ["model.name=BAAI/bge-small-en-v1.5", "data.train=s3://b/pairs.jsonl", "eval.data=d/scifact",
+                          "eval.ood_data=d/cranfield", "loss.matryoshka_dims=[64,384]", "train.scheduler=linear"])
+    evaluation = {"before": results(d64=0.48, d384=0.64), "after": results(d64=0.50, d384=0.72),
+                  "ood_before": results(d64=0.2, d384=0.30), "ood_after": results(d64=0.1, d384=0.25),
+                  "flags": ["forgetting: out-of-domain nDCG@10 fell 0.0500"]}
+    summary = {"output_dir": "s3://b/runs/bge-r16", "model": "s3://b/runs/bge-r16/model", "steps": 120, "train_pairs": 3840}
+    card = model_card(job, evaluation, summary)
+    front, body = card.split("\n---\n", 1)
+    assert "library_name: sentence-transformers" in front and "base_model: BAAI/bge-small-en-v1.5" in front
+    assert "- matryoshka" in front and "- lora" in front
+    assert body.startswith("\n# bge-r16\n")
+    assert 'SentenceTransformer("s3://b/runs/bge-r16/model", truncate_dim=64)' in body
+    assert "| data | `s3://b/pairs.jsonl` (3,840 pairs) |" in body
+    assert "120 steps, batch 32 x 1 workers, lr 2e-05 (linear, 10% warmup)" in body
+    assert "| 384 | 0.6400 | 0.7200 | +0.0800 |" in body  # in domain
+    assert "| 384 | 0.3000 | 0.2500 | -0.0500 |" in body  # out of domain
+    assert "forgetting: out-of-domain nDCG@10 fell 0.0500" in body and "raykit 0.1.0" in body
+    # a local base model is no hub id: the card names it without claiming a base_model on the hub
+    local = model_card(load_job(None, ["model.name=runs/x/model"]), {}, summary)
+    assert "base_model" not in local and "evaluated nothing" in local
+
+
+def test_loss_curve_plots_loss_lr_and_validation(tmp_path):
+    from raykit.train.report import write_loss_curve
+
+    history = [{"step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 11)]
+    history[4]["val_ndcg@10"] = 0.5
+    path = write_loss_curve(history, str(tmp_path))
+    assert path.endswith("loss_curve.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert write_loss_curve([], str(tmp_path / "none")) is None

@@ -50,7 +50,10 @@ def sweep(ray_cluster, tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sweep") / "out"
     space = write_space(out.parent / "space.yaml", SPACE)
-    assert main(["tune", JOB, space, *job_overrides(tiny_model, out, "train.report_to=[tensorboard,mlflow]")]) == 0
+    with pytest.MonkeyPatch.context() as env:
+        # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI to this process: keep it to the sweep.
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(["tune", JOB, space, *job_overrides(tiny_model, out, "train.report_to=[tensorboard,mlflow]")]) == 0
     # Trials ASHA stopped gave their workers' CPUs back (Ray Train's placement-group cleaner): a
     # leak would starve the next trial on a small cluster.
     deadline = time.time() + 60

@@ -85,12 +85,12 @@ def _evaluation(job: JobConfig, evaluation: dict) -> str:
     if not evaluation.get("after"):
         return "## Evaluation\n\nThe job evaluated nothing (`eval.data` was empty)."
     parts = ["## Evaluation", "", "nDCG@10 before and after fine-tuning, at every served size."]
-    for label, before, after, data in (("in domain", "before", "after", f"{job.eval.data} ({job.eval.split})"),
-                                       ("out of domain", "ood_before", "ood_after", f"{job.eval.ood_data} ({job.eval.ood_split})")):
+    for label, before, after, data in (("in domain", "before", "after", f"`{job.eval.data}` ({job.eval.split})"),
+                                       ("out of domain", "ood_before", "ood_after", f"`{job.eval.ood_data}` ({job.eval.ood_split})")):
         if not evaluation.get(after):
             continue
         old, new = by_dim(evaluation.get(before)), by_dim(evaluation[after])
-        parts += ["", f"{label}: `{data}`", "", "| dims | before | after | change |", "|---:|---:|---:|---:|"]
+        parts += ["", f"{label}: {data}", "", "| dims | before | after | change |", "|---:|---:|---:|---:|"]
         for dim in sorted(new):
             b = old.get(dim, {}).get(METRIC)
             a = new[dim][METRIC]
