@@ -102,9 +102,10 @@ def check_trackers(out: Path, metrics: list[dict]) -> None:
     assert runs[0].info.status == "FINISHED"
 
 
-def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, capsys):
+def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
     out = tmp_path / "run"
-    args = overrides(tiny_model, out, "train.checkpoint_every=2", "lora.rank=4")
+    args = overrides(tiny_model, "run", "train.checkpoint_every=2", "lora.rank=4")
     with pytest.raises(RaykitError, match="rerun the same command to resume"):  # run.max_failures=0
         driver.run(load_job(JOB, args), callbacks=[kill_a_worker_after_checkpoint(step=2)])
     assert not (out / "run.json").exists() and not (out / "model").exists()

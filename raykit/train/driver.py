@@ -37,6 +37,8 @@ def run(job: JobConfig, callbacks=()) -> dict:
     import ray.train
 
     output_dir = storage.resolve(job.output_dir)
+    # Workers run in a folder of Ray's: what they write into output_dir needs its absolute path.
+    job = dataclasses.replace(job, output_dir=output_dir)
     require_shared_storage("output_dir", output_dir)
     summary_path = storage.join(output_dir, "run.json")
     if storage.exists(summary_path):
