@@ -51,6 +51,24 @@ def st_scores(model_dir: str, beir, dims=(384,), batch_size: int = 64) -> dict[i
     return out
 
 
+def cpu_name() -> str:
+    """The processor, and whether it has AMX (where `precision=auto` means bf16): benchmarks print it,
+    since machines of one kind differ."""
+    import platform
+
+    import torch
+
+    from raykit.precision import bf16_is_fast
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    amx = "with AMX: bf16 under precision=auto" if bf16_is_fast(torch.device("cpu")) else "no AMX: fp32 under precision=auto"
+    return f"{model}, {os.cpu_count()} cores, {amx}"
+
+
 def save(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")

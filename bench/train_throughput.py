@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SCIFACT, raykit_train, save
+from common import SCIFACT, cpu_name, raykit_train, save
 
 WARMUP_STEPS = 5
 
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="raykit-throughput-"))
+    cpu = cpu_name()
+    print(cpu, flush=True)
 
     print(f"sentence-transformers trainer: {args.steps} steps", flush=True)
     st = st_pairs_per_s(args.steps, args.batch, work)
@@ -89,9 +91,9 @@ def main() -> None:
     lines = ["| trainer | pairs/s | ratio vs sentence-transformers |", "|---|---|---|"]
     lines += [f"| {name} | {rate:.2f} | {rate / st:.2f} |" for name, rate in rows.items()]
     table = "\n".join(lines)
-    print(f"\nall-MiniLM-L6-v2, MNR, batch {args.batch}, max length 256, {os.cpu_count()} CPU cores, 1 worker\n" + table)
-    save("train_throughput", {"pairs_per_s": rows, "steps": args.steps, "batch": args.batch, "cpus": os.cpu_count()},
-         f"Training throughput, `python bench/train_throughput.py` ({os.cpu_count()} CPU cores, 1 worker)\n\n" + table)
+    print(f"\nall-MiniLM-L6-v2, MNR, batch {args.batch}, max length 256, {cpu}, 1 worker\n" + table)
+    save("train_throughput", {"pairs_per_s": rows, "steps": args.steps, "batch": args.batch, "cpu": cpu},
+         f"Training throughput, `python bench/train_throughput.py` ({cpu}, 1 worker)\n\n" + table)
 
 
 if __name__ == "__main__":

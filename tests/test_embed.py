@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,6 +31,18 @@ SHARD_MB = 0.01  # data/quickstart's corpus.jsonl (~40 kB) in 4 shards
 def job(model: str, output: str, *extra: str) -> EmbedJob:
     return load_job(None, [f"model={model}", f"corpus={QUICKSTART}", f"output={output}", f"max_seq_length={MAX_LEN}",
                            f"embed.shard_mb={SHARD_MB}", "embed.concurrency=2", "embed.precision=fp32", *extra], EmbedJob)
+
+
+@pytest.fixture(scope="module")
+def fp32_output(ray_cluster, tiny_model, tmp_path_factory) -> tuple[str, dict]:
+    """The quickstart corpus embedded once in fp32 (local): read it, or copy it before changing it."""
+    out = str(tmp_path_factory.mktemp("fp32") / "out")
+    return out, run(job(tiny_model, out))
+
+
+def copy_of(output: tuple[str, dict], tmp_path) -> tuple[str, dict]:
+    shutil.copytree(output[0], tmp_path / "out")
+    return str(tmp_path / "out"), output[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +132,8 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
         assert (out / "_shards" / name).stat().st_mtime_ns == mtime
 
 
-def test_another_model_is_refused_unless_a_new_run_is_asked(ray_cluster, tiny_model, other_model, tmp_path, capsys):
-    out = str(tmp_path / "out")
-    first = run(job(tiny_model, out))
+def test_another_model_is_refused_unless_a_new_run_is_asked(ray_cluster, tiny_model, other_model, fp32_output, tmp_path, capsys):
+    out, first = copy_of(fp32_output, tmp_path)
     with pytest.raises(RaykitError, match=r"already committed with model sha256:[0-9a-f]{16} .*new_run=true"):
         run(job(other_model, out))
     assert manifest.read_manifest(out) == first  # untouched
@@ -138,9 +151,9 @@ def test_another_model_is_refused_unless_a_new_run_is_asked(ray_cluster, tiny_mo
     assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
 
 
-def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, tiny_model, tmp_path):
-    out = tmp_path / "out"
-    committed = run(job(tiny_model, str(out)))
+def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, tiny_model, fp32_output, tmp_path):
+    out, committed = copy_of(fp32_output, tmp_path)
+    out = Path(out)
     with pytest.raises(RaykitError, match="another job committed"):
         manifest.commit(str(out), committed)
     shard = out / committed["shards"][1]["path"]
@@ -188,11 +201,11 @@ def test_batches_respect_the_token_budget_and_cover_every_document():
     assert widths == sorted(widths, reverse=True)
 
 
-def test_bf16_embeddings_stay_close_to_fp32(ray_cluster, tiny_model, tmp_path):
-    fp32 = run(job(tiny_model, str(tmp_path / "fp32")))
+def test_bf16_embeddings_stay_close_to_fp32(ray_cluster, tiny_model, fp32_output, tmp_path):
+    fp32_dir, fp32 = fp32_output
     bf16 = run(job(tiny_model, str(tmp_path / "bf16"), "embed.precision=bf16"))
     assert bf16["embedding"]["ran_in"] == ["bf16"] and fp32["model"]["fingerprint"] == bf16["model"]["fingerprint"]
     for a, b in zip(fp32["shards"], bf16["shards"]):
-        _, x = manifest.read_shard(str(tmp_path / "fp32"), a, 32)
+        _, x = manifest.read_shard(fp32_dir, a, 32)
         _, y = manifest.read_shard(str(tmp_path / "bf16"), b, 32)
         assert (x * y).sum(axis=1).min() > 0.99  # unit vectors: dot = cosine
