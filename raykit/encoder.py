@@ -143,6 +143,12 @@ class Encoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        if state_dict is not None:
+            # save_pretrained writes the live module's dtype into config.json (bf16 under DeepSpeed);
+            # loaders cast to it, so it must name the dtype of the weights actually saved.
+            saved = next(v.dtype for v in state_dict.values() if v.is_floating_point())
+            self.model.config.dtype = str(saved).removeprefix("torch.")
+            self.model.config.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -26,6 +26,23 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_mo
     torch.testing.assert_close(ours, again)
 
 
+def test_a_model_that_ran_in_bf16_saves_fp32_weights_that_load_as_fp32(tiny_model, tmp_path):
+    """What a ZeRO export does under bf16: the live module is bf16, the saved weights fp32. The config
+    must say float32, or sentence-transformers casts to bf16 and embeds differently from raykit."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    encoder = Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16))
+    encoder.model.to(torch.bfloat16)
+    state = {k: v.float() for k, v in encoder.model.state_dict().items()}
+    encoder.save(tmp_path / "m", state_dict=state)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float32"
+    st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
+    ours = Encoder.from_pretrained(str(tmp_path / "m")).encode(TEXTS)
+    np.testing.assert_allclose(st.encode(TEXTS, convert_to_numpy=True), ours.numpy(), atol=1e-5)
+
+
 def test_encode_keeps_input_order_across_length_sorting(tiny_model):
     encoder = Encoder.load(ModelConfig(name=tiny_model))
     batch = encoder.encode(TEXTS, batch_size=3)
