@@ -46,6 +46,8 @@ def test_override_beats_yaml(tmp_path):
         ("deepspeed.offload_params=true", "needs zero_stage 3"),
         ("eval.dims=[128,64]", "ascending"),
         ("train.strategy=qlora", "train.strategy"),
+        ("train.scheduler=step", "train.scheduler: 'step' is not one of cosine, linear, constant"),
+        ("train.report_to=[comet]", "train.report_to: 'comet' is not one of tensorboard, mlflow, wandb"),
         ("trainlr", "expected key=value"),
         ("train=3", "'train' must be a mapping"),
     ],
@@ -86,3 +88,18 @@ def test_every_job_yaml_loads_and_shows_its_commands():
         assert f"raykit train {path.relative_to(REPO)}" in header or path.name == "quickstart.yaml"
         assert "ray job submit" in header, path
         assert job.data.train and job.eval.data, path
+
+
+def test_a_tracker_needs_its_package_and_somewhere_to_write(monkeypatch):
+    import importlib.util
+
+    from raykit.train import tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.report_to: wandb needs the wandb package on every node; pip install wandb"):
+        tracking.check(load_job(None, ["train.report_to=[wandb]"]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="mlflow with an s3:// output_dir needs a tracking server; set MLFLOW_TRACKING_URI"):
+        tracking.check(load_job(None, ["train.report_to=[mlflow]", "output_dir=s3://bucket/run"]))
+    tracking.check(load_job(None, ["train.report_to=[tensorboard,mlflow]", "output_dir=runs/x"]))  # local: fine
