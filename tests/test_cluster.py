@@ -75,6 +75,9 @@ def test_zero2_training_spreads_over_both_nodes_and_writes_a_loadable_model_to_s
         f"data.train=s3://{bucket}/data/quickstart", "eval.data=", f"output_dir={output}",
         "train.strategy=full", "deepspeed.zero_stage=2", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
         "train.batch_size=8", "train.max_steps=4", "train.log_every=2", "model.max_seq_length=32", "eval.dims=[32]",
+        # fp32 on every CPU: the exact embedding check below compares fp32 with fp32 (under auto, an AMX
+        # CPU trains and saves bf16, which sentence-transformers then runs in bf16)
+        "train.precision=fp32",
         submission_id="zero2",
     )
     assert status == "SUCCEEDED", logs[-4000:]

@@ -51,8 +51,9 @@ def sweep(ray_cluster, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "out"
     space = write_space(out.parent / "space.yaml", SPACE)
     with pytest.MonkeyPatch.context() as env:
-        # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI to this process: keep it to the sweep.
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI to this process; set here, it is undone
+        # after the sweep instead of leaking into later tests' runs.
+        env.setenv("MLFLOW_TRACKING_URI", (out / "mlruns").as_uri())
         assert main(["tune", JOB, space, *job_overrides(tiny_model, out, "train.report_to=[tensorboard,mlflow]")]) == 0
     # Trials ASHA stopped gave their workers' CPUs back (Ray Train's placement-group cleaner): a
     # leak would starve the next trial on a small cluster.

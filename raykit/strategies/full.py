@@ -94,9 +94,9 @@ class DeepSpeedTrainee:
         params = list(self.encoder.model.parameters())
         gather = deepspeed.zero.GatheredParameters(params) if self.stage == 3 else contextlib.nullcontext()
         with gather:
-            # Saved in fp32 whatever ran (bf16 under bf16): sentence-transformers computes in the
-            # dtype it loads, and a bf16 file would make it embed differently from raykit's fp32.
-            state = {k: v.detach().float().cpu() for k, v in self.encoder.model.state_dict().items()} if rank == 0 else None
+            # Saved in the dtype they trained in (16-bit under bf16): sentence-transformers then computes
+            # as the run's own evaluation did.
+            state = {k: v.detach().cpu().clone() for k, v in self.encoder.model.state_dict().items()} if rank == 0 else None
         if rank == 0:
             self.encoder.save(path, state_dict=state)
 
