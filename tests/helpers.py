@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 QUICKSTART = REPO / "data" / "quickstart"
 TRAIN_JOB = str(REPO / "jobs" / "quickstart.yaml")
 

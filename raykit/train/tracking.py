@@ -26,7 +26,7 @@ from raykit.errors import ConfigError
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE")
 EXPERIMENT = "raykit"  # the MLflow experiment / W&B project when the environment names none
-WRITE_EVERY_S = 10.0  # metrics.jsonl and TensorBoard files in object storage: rewritten at most this often
+WRITE_EVERY_S = 10.0  # metrics.jsonl (rewritten whole) and the trackers flushed at most this often, and at the end
 
 
 def check(job: JobConfig, sweep: bool = False) -> None:
@@ -96,7 +96,7 @@ class RunLog:
             return
         for tracker in self.trackers:
             tracker.log(metrics)
-        if time.monotonic() - self.written_at >= WRITE_EVERY_S or not storage.is_uri(self.path):
+        if time.monotonic() - self.written_at >= WRITE_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
