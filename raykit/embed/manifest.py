@@ -32,6 +32,11 @@ RECORDS = "_shards"
 FORMAT = "raykit.embeddings/1"
 
 
+def short(fingerprint: str) -> str:
+    """A fingerprint as messages show it: 'sha256:' and its first 16 hex digits."""
+    return fingerprint[: len("sha256:") + 16]
+
+
 def read_manifest(output: str) -> dict | None:
     path = storage.join(output, MANIFEST)
     if not storage.exists(path):

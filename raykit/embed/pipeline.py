@@ -4,31 +4,27 @@ The pipeline, one row per shard (see corpus.py) so that a shard is written whole
 
     plan shards (driver) -> read + tokenize (CPU actors) -> encode (actor pool, GPUs) -> write Parquet (actors)
 
-Tokenizing in its own CPU stage keeps the encoder actors busy with forward passes only; inside a
-shard, documents go through longest first in token-budget batches, so each pads to similar lengths. Every shard is
-followed by a small record; when all are written the driver commits manifest.json (see
-manifest.py). A rerun skips shards whose record matches this model and input, so an
-interrupted job resumes, and a committed one is a no-op.
+with the three stages in stages.py. Tokenizing in its own CPU stage keeps the encoder actors busy
+with forward passes only; inside a shard, documents go through longest first in token-budget
+batches, so each pads to similar lengths. Every shard is followed by a small record; when all are
+written the driver commits manifest.json (see manifest.py). A rerun skips shards whose record
+matches this model and input, so an interrupted job resumes, and a committed one is a no-op.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
 import time
 from datetime import datetime, timezone
 
-import numpy as np
-
 from raykit import __version__, storage
 from raykit.cluster import actor_count, connect_ray, node_count, quiet_ray_data, require_shared_storage, user_error
 from raykit.config import EmbedJob
-from raykit.embed import corpus, manifest
+from raykit.embed import corpus, manifest, stages
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
-from raykit.precision import use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +58,7 @@ def run(job: EmbedJob) -> dict:
     if committed is not None:
         if _identity(committed) == identity:
             log.info(f"{storage.join(output, manifest.MANIFEST)}: already committed ({committed['rows']:,} rows in "
-                  f"{len(committed['shards'])} shards, model {_short(fingerprint)}); nothing to do")
+                  f"{len(committed['shards'])} shards, model {manifest.short(fingerprint)}); nothing to do")
             return committed
         if not job.new_run:
             raise RaykitError(_mismatch(output, committed, identity))
@@ -72,7 +68,7 @@ def run(job: EmbedJob) -> dict:
     records = {name: r for name, r in manifest.read_records(output).items() if _record_matches(r, shards, identity)}
     todo = [s for s in shards if s.name not in records]
     log.info(f"embed {source} -> {output} | {len(shards)} shards ({len(records)} already written) | "
-          f"model {_short(fingerprint)} | dim {dim} {job.embed.dtype}")
+          f"model {manifest.short(fingerprint)} | dim {dim} {job.embed.dtype}")
 
     started = time.time()
     written = 0
@@ -116,9 +112,9 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
                 "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors))}
 
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(**light(_TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"]))
+    ds = ds.map_batches(**light(stages.TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"]))
     ds = ds.map_batches(
-        _EncodeShards,
+        stages.EncodeShards,
         fn_constructor_kwargs={
             "model": job.model,
             "max_seq_length": settings["max_seq_length"],
@@ -135,151 +131,7 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
         num_gpus=cfg.num_gpus,
         num_cpus=cfg.cpus_per_actor,
     )
-    return ds.map_batches(**light(_WriteShards, output=output, identity=identity))
-
-
-class _TokenizeShards:
-    """Reads a shard's documents and tokenizes them (no padding: the encoder pads per batch)."""
-
-    def __init__(self, model: str, max_seq_length: int):
-        from transformers import AutoTokenizer
-
-        from raykit.encoder import resolve_model
-
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-        self.max_seq_length = max_seq_length
-
-    def __call__(self, batch: dict) -> dict:
-        out = _read_and_tokenize({"shard": batch["shard"][0]}, self.tokenizer, self.max_seq_length)
-        return {k: [v] for k, v in out.items()}
-
-
-class _WriteShards:
-    def __init__(self, output: str, identity: dict):
-        self.output, self.identity = output, identity
-
-    def __call__(self, batch: dict) -> dict:
-        out = _write_shard({k: v[0] for k, v in batch.items()}, self.output, self.identity)
-        return {k: [v] for k, v in out.items()}
-
-
-def _release_memory() -> None:
-    """Hand freed heap pages back to the OS after a shard.
-
-    glibc keeps freed memory in its arenas; batches of ever-different shapes then fragment them and a
-    long-lived worker's resident memory creeps up with corpus size. One malloc_trim per shard keeps it
-    flat, at a cost of well under a millisecond.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
-
-
-def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int) -> dict:
-    shard = corpus.Shard(**json.loads(row["shard"]))
-    ids, texts = corpus.read(shard)
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise RaykitError(f"{shard.path}: duplicate id '{dup}' in {shard.name}; ids must be unique")
-    encoded = tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"] if texts else []
-    lengths = np.array([len(t) for t in encoded], dtype=np.int64)
-    tokens = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32, count=int(lengths.sum()))
-    row = {
-        "shard": row["shard"],
-        "ids": json.dumps(ids),  # one string: Arrow keeps it as is, whatever the ids look like
-        "tokens": tokens.tobytes(),
-        "lengths": lengths.tobytes(),
-        "content": corpus.content_hash(ids, texts),
-    }
-    del texts, encoded
-    _release_memory()
-    return row
-
-
-class _EncodeShards:
-    """An encoder actor: loads the model once, checks it is the driver's, embeds one shard per call."""
-
-    def __init__(self, model, max_seq_length, fingerprint, dim, dtype, batch_size, batch_tokens, precision, threads):
-        import torch
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        encoder = Encoder.from_pretrained(model, max_seq_length)
-        mine = encoder.fingerprint()
-        if mine != fingerprint:  # e.g. a hub id that resolved to another revision on this node
-            raise RaykitError(f"model: {model} loaded on this node as {_short(mine)}, on the driver as {_short(fingerprint)}; pin one revision or use a folder on shared storage")
-        self.encoder = encoder.to(self.device).eval()
-        self.bf16 = use_bf16(precision, self.device)
-        self.pad = encoder.tokenizer.pad_token_id or 0
-        self.dim, self.dtype, self.batch_size = dim, np.dtype(dtype), batch_size
-        # Tokens per batch bound the activations: on a CPU a batch that fits in cache runs ~1.5x
-        # faster per document than a large one; a GPU wants large batches.
-        self.batch_tokens = batch_tokens or (65536 if self.device.type == "cuda" else 4096)
-
-    def __call__(self, batch: dict) -> dict:
-        import torch
-        import torch.nn.functional as F
-
-        lengths = np.frombuffer(batch["lengths"][0], dtype=np.int64)
-        tokens = np.frombuffer(batch["tokens"][0], dtype=np.int32)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        out = np.empty((len(lengths), self.dim), dtype=np.float32)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for idx in self._batches(lengths):
-                width = int(lengths[idx].max())
-                ids = np.full((len(idx), width), self.pad, dtype=np.int64)
-                mask = np.zeros((len(idx), width), dtype=np.int64)
-                for row, i in enumerate(idx):
-                    ids[row, : lengths[i]] = tokens[starts[i]: starts[i] + lengths[i]]
-                    mask[row, : lengths[i]] = 1
-                emb = self.encoder(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)).float()
-                if self.dim < emb.shape[1]:  # Matryoshka: keep the prefix, re-normalize if the model normalizes
-                    emb = emb[:, : self.dim]
-                    emb = F.normalize(emb, dim=-1) if self.encoder.normalize else emb
-                out[idx] = emb.cpu().numpy()
-        _release_memory()
-        return {
-            "shard": batch["shard"],
-            "ids": batch["ids"],
-            "content": batch["content"],
-            "ran_in": ["bf16" if self.bf16 else "fp32"],
-            "embedding": [out.astype(self.dtype).tobytes()],
-        }
-
-    def _batches(self, lengths: np.ndarray):
-        """Index arrays, longest documents first, each within batch_size docs and batch_tokens padded tokens."""
-        order = np.argsort(-lengths, kind="stable")
-        start = 0
-        while start < len(order):
-            width = max(1, int(lengths[order[start]]))  # the longest in the batch sets its width
-            n = max(1, min(self.batch_size, self.batch_tokens // width))
-            yield order[start:start + n]
-            start += n
-
-
-def _write_shard(row: dict, output: str, identity: dict) -> dict:
-    shard = corpus.Shard(**json.loads(row["shard"]))
-    ids = json.loads(row["ids"])
-    emb = np.frombuffer(row["embedding"], dtype=np.dtype(identity["dtype"])).reshape(len(ids), identity["dim"])
-    data = manifest.shard_bytes(ids, emb)
-    storage.put(storage.join(output, shard.name + ".parquet"), data)
-    record = {
-        "name": shard.name,
-        "path": shard.name + ".parquet",
-        "rows": len(ids),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "content": row["content"],
-        "ran_in": row["ran_in"],  # the precision that actually ran on this actor's hardware
-        "source": shard.source(),
-        **{k: identity[k] for k in ("model", "dim", "dtype", "precision")},
-    }
-    manifest.write_record(output, record)  # after the shard: a record means the shard is whole
-    del data, emb
-    _release_memory()
-    return {"name": shard.name, "rows": len(ids), "record": json.dumps(record)}
+    return ds.map_batches(**light(stages.WriteShards, output=output, identity=identity))
 
 
 def _record_matches(record: dict, shards: list[corpus.Shard], identity: dict) -> bool:
@@ -332,7 +184,7 @@ def _mismatch(output: str, committed: dict, identity: dict) -> str:
     old = _identity(committed)
     what = []
     if old["model"] != identity["model"]:
-        what.append(f"model {_short(old['model'])} ({committed['model']['name']}), this job's is {_short(identity['model'])}")
+        what.append(f"model {manifest.short(old['model'])} ({committed['model']['name']}), this job's is {manifest.short(identity['model'])}")
     if old["plan"] != identity["plan"]:
         what.append("another corpus (or the same files changed, or another embed.shard_mb)")
     keys = ("dim", "dtype", "precision")
@@ -364,6 +216,3 @@ class _Progress:
         log.info(f"embed {len(self.done)}/{len(self.size)} shards | {written:,} docs | "
                  f"{written / elapsed:.1f} docs/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
 
-
-def _short(fingerprint: str) -> str:
-    return fingerprint[: len("sha256:") + 16]

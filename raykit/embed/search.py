@@ -27,8 +27,8 @@ def load_query_encoder(output: str, model: str) -> tuple[Encoder, dict]:
     mine, theirs = encoder.fingerprint(), committed["model"]["fingerprint"]
     if mine != theirs:
         raise RaykitError(
-            f"serving mismatch: {output} was embedded by model {theirs[:23]} ({committed['model']['name']}), "
-            f"but --model {model} is {mine[:23]}; search with the model that embedded the corpus, or re-embed it with this one"
+            f"serving mismatch: {output} was embedded by model {manifest.short(theirs)} ({committed['model']['name']}), "
+            f"but --model {model} is {manifest.short(mine)}; search with the model that embedded the corpus, or re-embed it with this one"
         )
     return encoder, committed
 
