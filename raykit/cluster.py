@@ -23,18 +23,23 @@ def connect_ray(dashboard: bool = True) -> None:
         verbose = raykit.log.level() <= logging.DEBUG
         quiet = ray.LoggingConfig(log_level="DEBUG" if verbose else "WARNING")
         if not verbose and not os.environ.get("RAY_ADDRESS"):
-            # A local Ray's processes inherit this environment: Ray Data reads its own level from it,
-            # and DeepSpeed on a machine without CUDA need not warn that it chose the CPU.
-            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-            # Ray Train's preemption watcher serves clusters of spot nodes; on this machine alone it
-            # only prints a C++ error line about its constructor arguments.
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            # Ray's processes would print Ray Data's deprecation notes to itself (exclude_resources).
-            os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-            if not _has_cuda():
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            quiet_local_ray()
         ray.init(configure_logging=False, logging_config=quiet, **({} if dashboard else {"include_dashboard": False}))
         _connected_here = True
+
+
+def quiet_local_ray() -> None:
+    """The environment a local Ray started from this process gives its processes (set before it starts)."""
+    # Ray Data reads its own level from it, and DeepSpeed on a machine without CUDA need not warn
+    # that it chose the CPU.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    # Ray Train's preemption watcher serves clusters of spot nodes; on one machine it is one more
+    # process per run that only prints a C++ error line about its constructor arguments.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray's processes would print Ray Data's deprecation notes to itself (exclude_resources).
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _has_cuda() -> bool:

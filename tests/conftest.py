@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import seaweed
@@ -12,6 +14,10 @@ import raykit.log
 
 # The throwaway S3 server's credentials, set before Ray starts so that its workers inherit them.
 os.environ.update(S3_ENV)
+# As in an activated virtualenv (`make test` runs .venv/bin/python without one): its tools come first.
+# DeepSpeed JIT-builds an op with `ninja`; the test cluster's nodes find the venv's, and a local Ray
+# finding the system's older one instead would throw that build away and make it again (~40 s).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -86,6 +92,9 @@ def ray_cluster():
     """One local Ray for the whole session (4 logical CPUs: 2 workers plus Ray Data's coordinator)."""
     import ray
 
+    from raykit.cluster import quiet_local_ray
+
+    quiet_local_ray()  # the environment raykit gives a local Ray it starts (no preemption watcher, ...)
     # With the dashboard: Ray Train's placement-group cleaner reads the State API, and without it the
     # workers of a sweep trial that Tune stops keep their CPUs.
     # log_to_driver=False: what workers and Ray's own processes print arrives on a thread of its own, at any
