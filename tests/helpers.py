@@ -1,11 +1,15 @@
-"""What several test modules share: paths, the quickstart train job's overrides, S3 uploads, and
-real faults (a Ray Train worker killed with SIGKILL). Fixtures live in conftest.py."""
+"""What several test modules share: paths, the quickstart train job's overrides, what every finished
+training run must leave, S3 uploads, and real faults (a Ray Train worker killed with SIGKILL).
+Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "data" / "quickstart"
@@ -35,6 +39,73 @@ def train_overrides(tiny_model, out, *extra: str) -> list[str]:
         "scaling.cpus_per_worker=1",
         *extra,
     ]
+
+
+def st_ndcg(model_dir: str, dim: int = 32) -> float:
+    """nDCG@10 of an output model as sentence-transformers embeds it: independent of raykit's encoder."""
+    import torch
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    from raykit.data import load_beir
+    from raykit.evaluate import score_rankings
+
+    beir = load_beir(str(QUICKSTART), "test")
+    st = SentenceTransformer(model_dir, device="cpu")
+    docs = F.normalize(torch.tensor(st.encode(list(beir.corpus.values())))[:, :dim], dim=-1)
+    queries = F.normalize(torch.tensor(st.encode(list(beir.queries.values())))[:, :dim], dim=-1)
+    top = (queries @ docs.T).topk(100, dim=1).indices
+    ids = list(beir.corpus)
+    ranked = {q: [ids[j] for j in top[i].tolist()] for i, q in enumerate(beir.queries)}
+    return score_rankings(ranked, beir.qrels)["ndcg@10"]
+
+
+def check_outputs(out: Path) -> dict:
+    summary = json.loads((out / "run.json").read_text())
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation["before"]) == set(evaluation["after"]) == {"16", "32"}
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["pairs_per_s"] > 0 and m["loss"] > 0 for m in metrics)
+    # the exported model, loaded by sentence-transformers, scores what the run reported
+    assert st_ndcg(str(out / "model")) == pytest.approx(evaluation["after"]["32"]["ndcg@10"], abs=1e-3)
+    return summary
+
+
+def check_run(out: Path, tiny_model: str, strategy: str) -> tuple[dict, list[dict]]:
+    """What every finished run leaves: the summary, metrics, a model that changed, its card and plots."""
+    summary = check_outputs(out)
+    evaluation = summary["eval"]
+    assert summary["steps"] == 4
+    assert evaluation["after"]["32"]["ndcg@10"] != evaluation["before"]["32"]["ndcg@10"], "the model did not change"
+    assert (out / "adapter").is_dir() == (strategy == "lora")
+    card = (out / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n") and f"fine-tuned from `{tiny_model}`" in card
+    after = evaluation["after"]["32"]["ndcg@10"]
+    assert f"| 32 | {evaluation['before']['32']['ndcg@10']:.4f} | {after:.4f} |" in card
+    assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_trackers(out: Path, metrics: list[dict]) -> None:
+    """The TensorBoard event files and the MLflow store hold what metrics.jsonl holds, read back by
+    their own readers."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(m["step"], round(m["loss"], 5)) for m in metrics]
+    assert [e.step for e in events.Scalars("ndcg@10/32")] == [2]
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # as raykit's workers set it for its default store
+    client = MlflowClient((out / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("raykit").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "run" and runs[0].data.params["lora.rank"] == "4"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert [(h.step, round(h.value, 5)) for h in history] == [(m["step"], round(m["loss"], 5)) for m in metrics]
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "ndcg_at_10.dim32")] == [2]
+    assert runs[0].info.status == "FINISHED"
 
 
 def upload_dir(client, local: Path, bucket: str, prefix: str) -> str:

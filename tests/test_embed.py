@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import QUICKSTART, REPO, S3_ENV
+from helpers import QUICKSTART, REPO, S3_ENV, refused
 
 from raykit.cli import main
 from raykit.config import EmbedJob
@@ -29,8 +29,9 @@ SHARD_MB = 0.01  # data/quickstart's corpus.jsonl (~40 kB) in 4 shards
 
 
 def job(model: str, output: str, *extra: str) -> EmbedJob:
+    """One encoder actor unless a test asks for more: only the S3 test is about a pool of them."""
     return load_job(None, [f"model={model}", f"corpus={QUICKSTART}", f"output={output}", f"max_seq_length={MAX_LEN}",
-                           f"embed.shard_mb={SHARD_MB}", "embed.concurrency=2", "embed.precision=fp32", *extra], EmbedJob)
+                           f"embed.shard_mb={SHARD_MB}", "embed.concurrency=1", "embed.precision=fp32", *extra], EmbedJob)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def other_model(tiny_model, tmp_path_factory) -> str:
 def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_cluster, s3_server, tiny_model, capsys):
     bucket = s3_server()
     output = f"s3://{bucket}/emb/v1"
-    committed = run(job(tiny_model, output))
+    committed = run(job(tiny_model, output, "embed.concurrency=2"))
     out = capsys.readouterr().out
 
     # The manifest: every shard with its rows and the sha256 of the object as stored.
@@ -89,7 +90,7 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
 
     # A rerun of a committed job is a no-op: nothing rewritten.
     before = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert run(job(tiny_model, output)) == committed
+    assert run(job(tiny_model, output, "embed.concurrency=2")) == committed
     assert "already committed" in capsys.readouterr().out
     after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert after == before
@@ -109,12 +110,14 @@ def test_matryoshka_dim_and_float16_match_the_model_truncated(ray_cluster, tiny_
     np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=2e-3)
 
 
-def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, tmp_path, capsys):
+def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, fp32_output, tmp_path, capsys):
+    """In bf16, whose embeddings then stay close to the fp32 run's."""
     out = tmp_path / "out"
+    bf16 = job(tiny_model, str(out), "embed.precision=bf16")
     # A real write failure part-way: a folder where shard 2's file goes makes its rename fail.
     (out / "part-000002.parquet").mkdir(parents=True)
     with pytest.raises(Exception, match="part-000002.parquet"):
-        run(job(tiny_model, str(out)))
+        run(bf16)
     assert not list(out.glob(".tmp-*"))  # the failed write left no temporary behind
     assert not (out / "manifest.json").exists()  # nothing committed: readers see nothing
     with pytest.raises(RaykitError, match="holds no committed embeddings"):
@@ -124,12 +127,19 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
 
     (out / "part-000002.parquet").rmdir()
     capsys.readouterr()
-    committed = run(job(tiny_model, str(out)))
+    committed = run(bf16)
     text = capsys.readouterr().out
     assert f"({len(records)} already written)" in text and f"({4 - len(records)} written now)" in text
     assert committed["rows"] == 240
     for name, mtime in records.items():  # the first run's shards were kept, not redone
         assert (out / "_shards" / name).stat().st_mtime_ns == mtime
+
+    fp32_dir, fp32 = fp32_output
+    assert committed["embedding"]["ran_in"] == ["bf16"] and committed["model"]["fingerprint"] == fp32["model"]["fingerprint"]
+    for a, b in zip(fp32["shards"], committed["shards"]):
+        _, x = manifest.read_shard(fp32_dir, a, 32)
+        _, y = manifest.read_shard(str(out), b, 32)
+        assert (x * y).sum(axis=1).min() > 0.99  # unit vectors: dot = cosine
 
 
 def test_another_model_is_refused_unless_a_new_run_is_asked(ray_cluster, tiny_model, other_model, fp32_output, tmp_path, capsys):
@@ -169,27 +179,20 @@ def test_s3_commit_is_conditional(s3_server):
         manifest.commit(f"s3://{bucket}/x", {"format": manifest.FORMAT, "other": 1})
 
 
-def test_bad_corpus_is_one_line_and_nothing_is_committed(ray_cluster, tiny_model, tmp_path, capsys):
-    corpus = tmp_path / "docs.jsonl"
-    corpus.write_text(json.dumps({"id": "a", "text": "fine"}) + "\n" + json.dumps({"id": "b"}) + "\n")
+def test_a_bad_embed_job_is_one_line_before_any_worker_starts(tiny_model, tmp_path, capsys):
+    """(A bad line in the corpus, found by a worker, is tests/test_cli.py's case: the real command.)"""
     out = tmp_path / "out"
-    argv = ["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", f"corpus={corpus}", f"output={out}",
-            f"max_seq_length={MAX_LEN}"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err == f"raykit: error: {corpus}:2: 'text' is missing or not a string; every line needs id and text\n"
-    assert not (out / "manifest.json").exists()
-
-    assert main(["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"output={out}"]) == 2
-    assert "model: not set" in capsys.readouterr().err
-    assert main(["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", "embed.dim=999", f"output={out}"]) == 2
-    assert "embed.dim: 999 is larger than the model's 32" in capsys.readouterr().err
+    job = str(REPO / "jobs" / "reembed_scifact.yaml")
+    assert "model: not set" in refused(capsys, "embed", job, f"output={out}")
+    assert "embed.dim: 999 is larger than the model's 32" in refused(capsys, "embed", job, f"model={tiny_model}", "embed.dim=999",
+                                                                     f"output={out}")
+    assert not out.exists()
 
 
 def test_batches_respect_the_token_budget_and_cover_every_document():
-    from raykit.embed.pipeline import _EncodeShards
+    from raykit.embed.stages import EncodeShards
 
-    actor = object.__new__(_EncodeShards)  # only the batching, no model
+    actor = object.__new__(EncodeShards)  # only the batching, no model
     actor.batch_size, actor.batch_tokens = 8, 100
     lengths = np.array([5, 40, 12, 40, 3, 25, 25, 7, 60, 1] * 3, dtype=np.int64)
     batches = list(actor._batches(lengths))
@@ -201,11 +204,12 @@ def test_batches_respect_the_token_budget_and_cover_every_document():
     assert widths == sorted(widths, reverse=True)
 
 
-def test_bf16_embeddings_stay_close_to_fp32(ray_cluster, tiny_model, fp32_output, tmp_path):
-    fp32_dir, fp32 = fp32_output
-    bf16 = run(job(tiny_model, str(tmp_path / "bf16"), "embed.precision=bf16"))
-    assert bf16["embedding"]["ran_in"] == ["bf16"] and fp32["model"]["fingerprint"] == bf16["model"]["fingerprint"]
-    for a, b in zip(fp32["shards"], bf16["shards"]):
-        _, x = manifest.read_shard(fp32_dir, a, 32)
-        _, y = manifest.read_shard(str(tmp_path / "bf16"), b, 32)
-        assert (x * y).sum(axis=1).min() > 0.99  # unit vectors: dot = cosine
+def test_the_writer_stage_never_loads_torch():
+    """A writer actor imports stages.py and what it needs to write Parquet: one light process, not
+    another copy of torch beside the encoders."""
+    import subprocess
+    import sys
+
+    code = "import sys, raykit.embed.stages; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

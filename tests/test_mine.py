@@ -1,12 +1,15 @@
-"""Hard-negative mining, teacher scoring, and the strategy combinations end to end (tiny models, local Ray)."""
+"""Hard-negative mining, teacher scoring, and the strategy combinations end to end (tiny models, local Ray).
+
+One LoRA run mines, trains and reports (a module fixture); the tests read it, and reuse its triplets."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, REPO
+from helpers import QUICKSTART, REPO, check_run, check_trackers
 from helpers import TRAIN_JOB as JOB
 from helpers import train_overrides as overrides
 
@@ -16,24 +19,48 @@ from raykit.encoder import Encoder
 from raykit.jobfile import load_job
 from raykit.train.mine import run as mine
 
+# Mining as jobs/lora_hardneg_mnr.yaml does it, scaled to the quickstart set: the top-ranked
+# candidates past the first two, fp32 so that an in-memory ranking reproduces them exactly.
+MINE = ["mine.top_k=10", "mine.range_min=2", "mine.num_negatives=2", "mine.sampling=top", "mine.embed.shard_mb=0.01",
+        "mine.embed.precision=fp32", "mine.embed.concurrency=1"]
+
 
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positives(ray_cluster, tiny_model, tmp_path):
-    out = tmp_path / "triplets.jsonl"
-    job = load_job(JOB, [f"model.name={tiny_model}", "model.max_seq_length=32", f"data.train={QUICKSTART}",
-                         f"output_dir={tmp_path / 'run'}", f"mine.output={out}", "mine.top_k=20", "mine.range_min=3",
-                         "mine.num_negatives=2", "mine.sampling=top", "mine.embed.shard_mb=0.01", "mine.embed.precision=fp32",
-                         "mine.embed.concurrency=1"])
-    assert mine(job) == str(out)
-    rows = read_jsonl(out)
+@pytest.fixture(scope="module")
+def lora_run(ray_cluster, tiny_model, tmp_path_factory) -> Path:
+    """jobs/lora_hardneg_mnr.yaml's shape on 2 workers: mine, then LoRA on the triplets, with Matryoshka,
+    an out-of-domain set, a periodic evaluation and two trackers. Its mined triplets serve the other tests."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    args = overrides(tiny_model, out, "lora.rank=4", "train.lr=1e-2", "train.eval_every=2", "mine.enabled=true", *MINE,
+                     "loss.matryoshka_dims=[16,32]", f"eval.ood_data={QUICKSTART}", "eval.ood_split=train",
+                     "eval.max_ood_drop=0.5", "train.report_to=[tensorboard,mlflow]")
+    assert main(["train", JOB, *args]) == 0
+    return out
+
+
+def test_lora_on_mined_hard_negatives_with_matryoshka_the_forgetting_guard_and_trackers(lora_run, tiny_model):
+    summary, metrics = check_run(lora_run, tiny_model, "lora")
+    assert summary["config"]["data"]["train"] == str(lora_run / "mined" / "triplets.jsonl")
+    assert summary["resumed_from"] == []
+    evaluation = json.loads((lora_run / "eval.json").read_text())
+    assert set(evaluation) >= {"before", "after", "ood_before", "ood_after", "flags"}
+    assert set(evaluation["ood_after"]) == {"16", "32"}
+    assert (lora_run / "ndcg_by_dim.png").stat().st_size > 0 and (lora_run / "forgetting.png").stat().st_size > 0
+    assert [m["step"] for m in metrics if "ndcg@10/32" in m] == [2]  # train.eval_every
+    check_trackers(lora_run, metrics)
+
+
+def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positives(lora_run, tiny_model, tmp_path):
+    triplets = lora_run / "mined" / "triplets.jsonl"
+    rows = read_jsonl(triplets)
     beir = load_beir(str(QUICKSTART), "train")
     positives = {q: {d for d, r in docs.items() if r > 0} for q, docs in beir.qrels.items()}
     assert len(rows) == sum(len(p) for p in positives.values())
 
-    # The same ranking, computed in memory: negatives are candidates 3 and 4 after removing positives.
+    # The same ranking, computed in memory: negatives are candidates 2 and 3 after removing positives.
     encoder = Encoder.from_pretrained(tiny_model, 32)
     ids = list(beir.corpus)
     docs = encoder.encode([beir.corpus[i] for i in ids])
@@ -42,11 +69,13 @@ def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positive
         assert not set(row["negative_ids"]) & positives[q]
         scores = encoder.encode([beir.queries[q]]) @ docs.T
         ranked = [ids[j] for j in scores[0].argsort(descending=True).tolist() if ids[j] not in positives[q]]
-        assert row["negative_ids"] == ranked[3:5]
+        assert row["negative_ids"] == ranked[2:4]
         assert row["negatives"] == [beir.corpus[i] for i in row["negative_ids"]]
 
     # A rerun reuses the file; a margin keeps only candidates scoring well below the positive.
-    assert mine(job) == str(out)
+    job = load_job(JOB, overrides(tiny_model, lora_run, *MINE, f"mine.output={triplets}"))
+    written = triplets.stat().st_mtime_ns
+    assert mine(job) == str(triplets) and triplets.stat().st_mtime_ns == written
     margin = load_job(JOB, [f"model.name={tiny_model}", "model.max_seq_length=32", f"data.train={QUICKSTART}",
                             f"mine.output={tmp_path / 'm.parquet'}", "mine.margin=0.01", "mine.range_min=0",
                             "mine.top_k=230", "mine.embed.shard_mb=0.01", "mine.embed.concurrency=1"])
@@ -56,28 +85,13 @@ def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positive
     assert table and all(s <= r["positive_retriever_score"] - 0.01 + 1e-6 for r in table for s in r["negative_retriever_scores"])
 
 
-def test_lora_hard_negatives_matryoshka_and_the_forgetting_guard(ray_cluster, tiny_model, tmp_path):
-    """jobs/lora_hardneg_mnr.yaml's shape: mine, then train on the triplets; plus Matryoshka and an OOD set."""
+def test_full_distillation_with_a_cross_encoder_teacher_and_l2sp(lora_run, tiny_model, tiny_teacher, tmp_path):
+    """jobs/full_matryoshka_distill.yaml's shape: mine (here: reuse the LoRA run's triplets), score with
+    the teacher, MarginMSE + Matryoshka, L2-SP, on one ZeRO-2 worker."""
     out = tmp_path / "run"
-    args = overrides(tiny_model, out, "lora.rank=4", "train.lr=1e-2", "mine.enabled=true", "mine.top_k=10",
-                     "mine.range_min=2", "mine.embed.shard_mb=0.01", "mine.embed.concurrency=1", "loss.matryoshka_dims=[16,32]",
-                     f"eval.ood_data={QUICKSTART}", "eval.ood_split=train", "eval.max_ood_drop=0.5")
-    assert main(["train", JOB, *args]) == 0
-    summary = json.loads((out / "run.json").read_text())
-    assert summary["config"]["data"]["train"].endswith("mined/triplets.jsonl")
-    evaluation = json.loads((out / "eval.json").read_text())
-    assert set(evaluation) >= {"before", "after", "ood_before", "ood_after", "flags"}
-    assert set(evaluation["ood_after"]) == {"16", "32"}
-    assert (out / "ndcg_by_dim.png").stat().st_size > 0 and (out / "forgetting.png").stat().st_size > 0
-
-
-def test_full_distillation_with_a_cross_encoder_teacher_and_l2sp(ray_cluster, tiny_model, tiny_teacher, tmp_path):
-    """jobs/full_matryoshka_distill.yaml's shape: mine, score with the teacher, MarginMSE + Matryoshka, L2-SP."""
-    out = tmp_path / "run"
-    args = overrides(tiny_model, out, "train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3",
-                     "train.l2sp=0.1", "mine.enabled=true", "mine.top_k=10", "mine.range_min=2", "mine.num_negatives=2",
-                     "mine.embed.shard_mb=0.01", "mine.embed.concurrency=1", "loss.name=margin_mse",
-                     "loss.matryoshka_dims=[16,32]", "teacher.concurrency=1",
+    args = overrides(tiny_model, out, "train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3", "scaling.num_workers=1",
+                     "train.l2sp=0.1", "mine.enabled=true", *MINE, f"mine.output={lora_run / 'mined' / 'triplets.jsonl'}",
+                     "loss.name=margin_mse", "loss.matryoshka_dims=[16,32]", "teacher.concurrency=1",
                      f"teacher.model={tiny_teacher}", "teacher.max_seq_length=64")
     assert main(["train", JOB, *args]) == 0
     scored = read_jsonl(out / "scored" / "triplets.jsonl")
