@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from raykit import __version__, log
-from raykit.errors import RaykitError
+from raykit.errors import Interrupted, RaykitError, RunFailed
 
-EPILOG = "exit codes: 0 done, 2 bad input (one line on stderr: what, where, the fix; nothing written)"
+EPILOG = ("exit codes: 0 done; 1 failed at run time (what was done is kept: rerun the same command to resume); "
+          "2 bad input (one line on stderr: what, where, the fix; nothing written); 130 interrupted (rerun to resume)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +27,22 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
         return 0
     except RaykitError as e:
-        from raykit.cluster import disconnect_ray
+        return _fail(f"error: {e}", 2)
+    except Interrupted as e:
+        return _fail(f"interrupted: {e}", 130)
+    except RunFailed as e:
+        return _fail(f"failed: {e}", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; rerun the same command to resume", 130)
 
-        disconnect_ray()
-        print(f"raykit: error: {e}", file=sys.stderr)
-        return 2
+
+def _fail(line: str, code: int) -> int:
+    """Leave Ray first (nothing it forwards may follow), then one line, last on stderr."""
+    from raykit.cluster import disconnect_ray
+
+    disconnect_ray()
+    print(f"raykit: {line}", file=sys.stderr)
+    return code
 
 
 # --- the commands -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 import re
 
 import raykit.log
-from raykit.errors import RaykitError
+from raykit.errors import RaykitError, RunFailed
 
 _connected_here = False  # whether this process's ray.init() was raykit's (not a notebook's or a test's)
 
@@ -109,6 +109,19 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def run_failure(e: BaseException, what: str, resume: str) -> RunFailed:
+    """A worker's run-time failure as one line: `what` failed, with the error that caused it, and how to resume.
+
+    Ray hands the driver its own exception (UserCodeException, RayTaskError) whose text holds the
+    remote traceback; the first exception line there that is not Ray's is the worker's own error.
+    """
+    lines = [line.strip() for line in str(e).splitlines()]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*: ", line)]
+    cause = next((line for line in raised if not line.startswith("ray.")), None) or next(
+        (line for line in lines if line), type(e).__name__)
+    return RunFailed(f"{what} ({cause}); {resume}")
 
 
 def user_error(e: BaseException) -> RaykitError | None:

@@ -1,4 +1,12 @@
-"""One exception type for bad input: the CLI prints its message as one line and exits non-zero."""
+"""raykit's exceptions, one per exit code the CLI gives a scheduler:
+
+- `RaykitError`: bad input (config, data, paths, credentials), found before anything is written: exit 2;
+- `RunFailed`: the input was accepted but the run failed (a worker lost for good, storage down past its
+  retries): exit 1; what was done is kept, and the message says how to resume;
+- `Interrupted`: stopped by the user (Ctrl-C): exit 130, resumable the same way.
+
+The CLI prints the message as one line, last on stderr.
+"""
 
 
 class RaykitError(Exception):
@@ -14,3 +22,11 @@ class ConfigError(RaykitError):
 
 class DataError(RaykitError):
     pass
+
+
+class RunFailed(Exception):
+    """The run failed at run time; the message says what failed and how to resume."""
+
+
+class Interrupted(RunFailed):
+    """The user stopped the run; the message says how to resume."""

@@ -84,3 +84,30 @@ def test_quiet_shows_warnings_only_and_verbose_opens_rays_loggers(capsys):
     assert "[raykit] plan: " in capsys.readouterr().out and logging.getLogger("ray").level == logging.DEBUG
     assert main(["plan", "--gpu-mem", "0", "--pairs", "5000"]) == 0
     assert logging.getLogger("raykit").level == logging.INFO and logging.getLogger("ray").level == logging.WARNING
+
+
+def test_each_way_a_command_ends_has_its_exit_code_and_one_last_line(monkeypatch, capsys):
+    """The CLI's mapping, with a command replaced (the real failures are tested where they happen:
+    test_embed's failed write exits 1, test_sweep's Ctrl-C exits 130)."""
+    from raykit import cli
+    from raykit.errors import ConfigError, Interrupted, RunFailed
+
+    def ends_with(exc):
+        def command(args):
+            raise exc
+
+        return command
+
+    cases = [
+        (ConfigError("jobs/x.yaml: bad"), 2, "raykit: error: jobs/x.yaml: bad"),
+        (RunFailed("training stopped (a worker died); rerun the same command"), 1,
+         "raykit: failed: training stopped (a worker died); rerun the same command"),
+        (Interrupted("1 of 4 trials done; rerun the same command"), 130, "raykit: interrupted: 1 of 4 trials done; rerun the same command"),
+        (KeyboardInterrupt(), 130, "raykit: interrupted; rerun the same command to resume"),
+    ]
+    for exc, code, line in cases:
+        monkeypatch.setitem(cli.COMMANDS, "plan", ends_with(exc))
+        capsys.readouterr()
+        assert cli.main(["plan", "--gpu-mem", "0", "--pairs", "5000"]) == code
+        assert capsys.readouterr().err.splitlines()[-1] == line
+    assert "130 interrupted" in cli._parser().format_help()

@@ -113,11 +113,17 @@ def test_matryoshka_dim_and_float16_match_the_model_truncated(ray_cluster, tiny_
 def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, fp32_output, tmp_path, capsys):
     """In bf16, whose embeddings then stay close to the fp32 run's."""
     out = tmp_path / "out"
-    bf16 = job(tiny_model, str(out), "embed.precision=bf16")
-    # A real write failure part-way: a folder where shard 2's file goes makes its rename fail.
+    args = [f"model={tiny_model}", f"corpus={QUICKSTART}", f"output={out}", f"max_seq_length={MAX_LEN}",
+            f"embed.shard_mb={SHARD_MB}", "embed.concurrency=1", "embed.precision=bf16"]
+    bf16 = load_job(None, args, EmbedJob)
+    # A real write failure part-way: a folder where shard 2's file goes makes its rename fail: the
+    # command fails at run time (exit 1) in one line that names the file and says how to resume.
     (out / "part-000002.parquet").mkdir(parents=True)
-    with pytest.raises(Exception, match="part-000002.parquet"):
-        run(bf16)
+    capsys.readouterr()
+    assert main(["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), *args]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("raykit: failed: embedding stopped (") and "part-000002.parquet" in last, last
+    assert last.endswith("the shards written so far are kept: rerun the same command to write the rest")
     assert not list(out.glob(".tmp-*"))  # the failed write left no temporary behind
     assert not (out / "manifest.json").exists()  # nothing committed: readers see nothing
     with pytest.raises(RaykitError, match="holds no committed embeddings"):

@@ -74,3 +74,32 @@ def test_deepspeed_config_is_derived_from_the_train_config(stage):
     assert "optimizer" not in cfg and "scheduler" not in cfg  # ours go in as client objects, lr set once
     plain = deepspeed_config(train, DeepSpeedConfig(zero_stage=stage), bf16=False)
     assert plain["bf16"] == {"enabled": False} and "offload_optimizer" not in plain["zero_optimization"]
+
+
+class _Payload:
+    """What a hostile checkpoint could carry: an object whose unpickling runs code."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading a checkpoint",))
+
+
+def test_lora_state_round_trips_and_loads_no_pickled_code(tiny_model, tmp_path):
+    import pickle
+
+    from raykit.config import JobConfig
+    from raykit.strategies.lora import LoraTrainee
+
+    job = JobConfig(model=ModelConfig(name=tiny_model), lora=LoraConfig(rank=4, alpha=8))
+    trainee = LoraTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=False)
+    trainee.step(trainee(trainee.encoder.tokenize(TEXTS)).sum())  # one real step: optimizer state to save
+    trainee.save_state(str(tmp_path), rank=0)
+    again = LoraTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=False)
+    again.load_state(str(tmp_path))
+    assert again.lr == trainee.lr
+    for (name, p), (_, q) in zip(trainee.encoder.named_parameters(), again.encoder.named_parameters()):
+        assert torch.equal(p, q), name
+
+    state = torch.load(tmp_path / "lora_state.pt", weights_only=True)
+    torch.save({**state, "extra": _Payload()}, tmp_path / "lora_state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        again.load_state(str(tmp_path))

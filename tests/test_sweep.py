@@ -145,8 +145,9 @@ def test_interrupted_sweep_resumes(ray_cluster, tiny_model, tmp_path):
     assert _finished_trials(out), "no trial finished"
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     log = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, log[-3000:]
-    assert "rerun the same command to resume" in log, log[-3000:]
+    assert proc.returncode == 130, log[-3000:]
+    assert log.strip().splitlines()[-1].startswith("raykit: interrupted: 1 of 2 trials done"), log[-3000:]
+    assert "rerun the same command to resume" in log
     first = _finished_trials(out)
     assert len(first) == 1
 

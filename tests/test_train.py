@@ -8,7 +8,7 @@ from helpers import check_outputs, check_run, kill_a_worker_after_checkpoint, re
 from helpers import train_overrides as overrides
 
 from raykit.cli import main
-from raykit.errors import RaykitError
+from raykit.errors import RunFailed
 from raykit.jobfile import load_job
 from raykit.train import driver
 
@@ -26,7 +26,7 @@ def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, capsys
     monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
     out = tmp_path / "run"
     args = overrides(tiny_model, "run", "train.checkpoint_every=2", "lora.rank=4")
-    with pytest.raises(RaykitError, match="rerun the same command to resume"):  # run.max_failures=0
+    with pytest.raises(RunFailed, match="rerun the same command to resume"):  # run.max_failures=0
         driver.run(load_job(JOB, args), callbacks=[kill_a_worker_after_checkpoint(step=2)])
     assert not (out / "run.json").exists() and not (out / "model").exists()
     assert main(["train", JOB, *args]) == 0

@@ -106,7 +106,9 @@ class LoraTrainee:
         torch.save(state, Path(path) / "lora_state.pt")
 
     def load_state(self, path: str) -> None:
-        state = torch.load(Path(path) / "lora_state.pt", map_location=self.device, weights_only=False)
+        # weights_only: tensors and plain containers, never pickled code (whoever can write the
+        # checkpoint folder must not get to run code on the workers).
+        state = torch.load(Path(path) / "lora_state.pt", map_location=self.device, weights_only=True)
         missing = self.encoder.load_state_dict(state["trainable"], strict=False)
         assert not missing.unexpected_keys, missing.unexpected_keys
         self.optimizer.load_state_dict(state["optimizer"])

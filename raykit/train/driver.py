@@ -21,7 +21,7 @@ from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.data import load_beir, load_training_set, load_validation_set
 from raykit.encoder import resolve_model
-from raykit.errors import RaykitError
+from raykit.errors import RaykitError, RunFailed
 from raykit.train import report, tracking
 from raykit.train.card import model_card
 from raykit.train.loop import STATE_FILE, train_fn_per_worker
@@ -54,8 +54,8 @@ def run(job: JobConfig, callbacks=()) -> dict:
     except ray.train.TrainingFailedError as e:
         log.error(str(e))  # the workers' tracebacks: the detail the one-line summary can't hold
         where = storage.join(output_dir, "checkpoints")
-        raise RaykitError(
-            f"training failed ({str(e).strip().splitlines()[0]}); the traceback is above. "
+        raise RunFailed(
+            f"training stopped ({str(e).strip().splitlines()[0]}); the traceback is above. "
             f"Checkpoints are in {where}: rerun the same command to resume from the latest."
         ) from None
     summary = _write_outputs(result.checkpoint, job, inputs, output_dir, started)

@@ -20,7 +20,7 @@ import os
 from raykit import storage
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
-from raykit.errors import ConfigError, RaykitError
+from raykit.errors import ConfigError, Interrupted, RaykitError
 from raykit.train import tracking
 from raykit.train.driver import make_trainer, prepare
 from raykit.tune import report as sweep_report
@@ -107,8 +107,8 @@ def run(job: JobConfig, space: Space) -> dict:
     # ASHA-stopped trial's last result says done.
     finished = sum(1 for r in grid if r.error or (r.metrics or {}).get("done"))
     if finished < space.num_trials:  # interrupted: Tune saved its state and returned
-        raise RaykitError(
-            f"sweep interrupted after {finished} of {space.num_trials} trials; its state is in {experiment}: "
+        raise Interrupted(
+            f"{finished} of {space.num_trials} trials done; the sweep's state is in {experiment}: "
             "rerun the same command to resume"
         )
     return sweep_report.write(grid, job, base, space, inputs["num_rows"], output_dir)
