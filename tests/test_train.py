@@ -1,4 +1,5 @@
-"""`raykit train` end to end on a local Ray: 2 CPU workers, a tiny BERT, the bundled quickstart data."""
+"""`raykit train` on a local Ray (a tiny BERT, the bundled quickstart data): a worker killed and recovered, a
+killed run resumed by its rerun, and bad input refused before anything starts."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_zero2_recovers_from_a_killed_worker(ray_cluster, tiny_model, tmp_path):
 def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
     out = tmp_path / "run"
-    args = overrides(tiny_model, "run", "train.checkpoint_every=2", "lora.rank=4")
+    # one worker: resuming is the point here (test_zero2_recovers_from_a_killed_worker has two)
+    args = overrides(tiny_model, "run", "train.checkpoint_every=2", "lora.rank=4", "scaling.num_workers=1")
     with pytest.raises(RunFailed, match="rerun the same command to resume"):  # run.max_failures=0
         driver.run(load_job(JOB, args), callbacks=[kill_a_worker_after_checkpoint(step=2)])
     assert not (out / "run.json").exists() and not (out / "model").exists()
