@@ -9,6 +9,8 @@ import re
 import raykit.log
 from raykit.errors import RaykitError, RunFailed
 
+log = logging.getLogger(__name__)
+
 _connected_here = False  # whether this process's ray.init() was raykit's (not a notebook's or a test's)
 
 
@@ -111,19 +113,6 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def run_failure(e: BaseException, what: str, resume: str) -> RunFailed:
-    """A worker's run-time failure as one line: `what` failed, with the error that caused it, and how to resume.
-
-    Ray hands the driver its own exception (UserCodeException, RayTaskError) whose text holds the
-    remote traceback; the first exception line there that is not Ray's is the worker's own error.
-    """
-    lines = [line.strip() for line in str(e).splitlines()]
-    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*: ", line)]
-    cause = next((line for line in raised if not line.startswith("ray.")), None) or next(
-        (line for line in lines if line), type(e).__name__)
-    return RunFailed(f"{what} ({cause}); {resume}")
-
-
 def user_error(e: BaseException) -> RaykitError | None:
     """The RaykitError a worker raised, from the exception Ray hands the driver.
 
@@ -134,3 +123,21 @@ def user_error(e: BaseException) -> RaykitError | None:
         return e
     found = re.findall(r"^raykit\.errors\.\w+: (.+)$", str(e), flags=re.MULTILINE)
     return RaykitError(found[-1]) if found else None
+
+
+def worker_error(e: BaseException, what: str, resume: str) -> RaykitError | RunFailed:
+    """What the driver raises for an exception a Ray Data worker raised: the worker's RaykitError
+    (bad input, exit 2), else a run-time failure in one line (exit 1): `what` failed, with the error
+    that caused it, and how to resume; the full traceback goes to the log first.
+
+    Ray's exception text holds the remote traceback; the first exception line there that is not
+    Ray's (UserCodeException, RayTaskError) is the worker's own error.
+    """
+    if bad_input := user_error(e):
+        return bad_input
+    log.error(str(e))
+    lines = [line.strip() for line in str(e).splitlines()]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*: ", line)]
+    cause = next((line for line in raised if not line.startswith("ray.")), None) or next(
+        (line for line in lines if line), type(e).__name__)
+    return RunFailed(f"{what} ({cause}); {resume}")

@@ -20,15 +20,7 @@ import time
 from datetime import datetime, timezone
 
 from raykit import __version__, storage
-from raykit.cluster import (
-    actor_count,
-    connect_ray,
-    node_count,
-    quiet_ray_data,
-    require_shared_storage,
-    run_failure,
-    user_error,
-)
+from raykit.cluster import actor_count, connect_ray, node_count, quiet_ray_data, require_shared_storage, worker_error
 from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest, stages
 from raykit.encoder import Encoder
@@ -92,11 +84,8 @@ def run(job: EmbedJob) -> dict:
                 written += row["rows"]
                 progress.update(row["name"], written)
         except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
-            if bad_input := user_error(e):
-                raise bad_input from None
-            log.error(str(e))  # the traceback: the detail the one-line summary can't hold
-            raise run_failure(e, "embedding stopped", "the shards written so far are kept: rerun the same command "
-                              "to write the rest") from None
+            raise worker_error(e, "embedding stopped",
+                               "the shards written so far are kept: rerun the same command to write the rest") from None
 
     missing = [s.name for s in shards if s.name not in records]
     if missing:  # cannot happen unless a record vanished underneath us; never commit a gap

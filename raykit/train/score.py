@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from raykit import storage
-from raykit.cluster import actor_count, connect_ray, quiet_ray_data, require_shared_storage, run_failure, user_error
+from raykit.cluster import actor_count, connect_ray, quiet_ray_data, require_shared_storage, worker_error
 from raykit.config import JobConfig
 from raykit.data import read_pair_file, write_pair_file
 from raykit.encoder import Encoder, resolve_model
@@ -68,10 +68,7 @@ def run(job: JobConfig, triplets: str) -> str:
             rows[result["i"]]["positive_score"] = scores[0]
             rows[result["i"]]["negative_scores"] = scores[1:]
     except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
-        if bad_input := user_error(e):
-            raise bad_input from None
-        log.error(str(e))  # the traceback: the detail the one-line summary can't hold
-        raise run_failure(e, "scoring stopped", "rerun the same command") from None
+        raise worker_error(e, "scoring stopped", "rerun the same command") from None
     write_pair_file(out, rows)
     margins = np.array([r["positive_score"] - s for r in rows for s in r["negative_scores"]])
     log.info(f"score: {len(rows)} triplets -> {out} | teacher margin pos-neg mean {margins.mean():.3f}, "
