@@ -195,7 +195,10 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"  # auto = bf16 where it is fast (GPUs with bf16, CPUs with AMX), else fp32 | bf16 | fp32
     log_every: int = 10  # steps between progress lines and metric reports
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    # Checkpoints: a step count ("200") or a duration of training ("30s", "10m", "1h"; checked at each
+    # report, every log_every steps); "0" = only the final one. A lost worker or a killed run costs at
+    # most this much; each checkpoint's cost (% of the training time since the last) is logged.
+    checkpoint_every: str = "10m"
     eval_every: int = 0  # steps between evaluations; 0 = before and after only
     # Experiment trackers fed from rank 0 at every report, besides metrics.jsonl: any of tensorboard
     # (<output_dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else <output_dir>/mlruns), wandb
@@ -213,13 +216,28 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
         _positive("train.log_every", self.log_every)
-        _not_negative("train", self, ("epochs", "max_steps", "checkpoint_every", "eval_every"))
+        _not_negative("train", self, ("epochs", "max_steps", "eval_every"))
+        _ = self.checkpoint_interval  # parses, or says what is wrong
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("train.epochs and train.max_steps are both 0; set one of them above 0")
         if self.l2sp < 0:
             raise ConfigError(f"train.l2sp: {self.l2sp} is negative; use 0 (off) or e.g. 0.01")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is outside [0, 1); use e.g. 0.1")
+
+    @property
+    def checkpoint_interval(self) -> tuple[int, float]:
+        """`checkpoint_every` as (steps, seconds): one of them is 0; both 0 = only at the end."""
+        text = self.checkpoint_every.strip().lower()
+        unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 0)
+        number = text[:-1] if unit else text
+        try:
+            value = float(number) if unit else int(number)
+        except ValueError:
+            value = -1
+        if not value >= 0 or value == float("inf"):
+            raise ConfigError(f"train.checkpoint_every: {self.checkpoint_every!r} is neither a step count nor a duration; use e.g. 200, 10m or 0")
+        return (0, value * unit) if unit else (value, 0.0)
 
 
 @dataclass(frozen=True)
@@ -258,8 +276,13 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    max_failures: int = 0  # restarts of a failed worker group, each from the latest checkpoint
-    keep_checkpoints: int = 2  # newest N kept in storage
+    max_failures: int = 3  # restarts of a failed worker group, each from the latest checkpoint; -1 = no limit
+    keep_checkpoints: int = 2  # newest N kept in storage (2: a damaged latest one falls back to the one before)
+
+    def __post_init__(self):
+        if self.max_failures < -1:
+            raise ConfigError(f"run.max_failures: {self.max_failures} is below -1; use 0 (no restarts), N, or -1 (no limit)")
+        _positive("run.keep_checkpoints", self.keep_checkpoints)
 
 
 @dataclass(frozen=True)
@@ -278,6 +301,9 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # output_dir holds another job's run (its job.json differs): remove that run's files and train
+    # this one. Without it such a rerun is refused, naming the settings that differ.
+    new_run: bool = False
 
     def __post_init__(self):
         if self.train.l2sp and self.train.strategy == "full" and self.deepspeed.zero_stage == 3:

@@ -150,6 +150,16 @@ def local_copy(uri: str) -> str:
     return str(target)
 
 
+def remove(path: str) -> None:
+    """Delete a file or a folder (with what it holds), if it exists."""
+    fs, p = filesystem(path)
+    kind = _info(fs, p, path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(p)
+
+
 def save_png(fig, target: str) -> str:
     """Write a matplotlib figure (a report's plot) to a local path or s3:// URI as PNG, and close it."""
     import matplotlib.pyplot as plt

@@ -47,6 +47,10 @@ def test_override_beats_yaml(tmp_path):
         ("eval.dims=[128,64]", "ascending"),
         ("train.strategy=qlora", "train.strategy"),
         ("train.scheduler=step", "train.scheduler: 'step' is not one of cosine, linear, constant"),
+        ("train.checkpoint_every=10min", "train.checkpoint_every: '10min' is neither a step count nor a duration; use e.g. 200, 10m or 0"),
+        ("train.checkpoint_every=-5", "train.checkpoint_every: '-5' is neither"),
+        ("run.max_failures=-2", "run.max_failures: -2 is below -1"),
+        ("run.keep_checkpoints=0", "run.keep_checkpoints: 0 must be above 0"),
         ("train.report_to=[comet]", "train.report_to: 'comet' is not one of tensorboard, mlflow, wandb"),
         ("trainlr", "expected key=value"),
         ("train=3", "'train' must be a mapping"),
@@ -103,3 +107,8 @@ def test_a_tracker_needs_its_package_and_somewhere_to_write(monkeypatch):
     with pytest.raises(ConfigError, match="mlflow with an s3:// output_dir needs a tracking server; set MLFLOW_TRACKING_URI"):
         tracking.check(load_job(None, ["train.report_to=[mlflow]", "output_dir=s3://bucket/run"]))
     tracking.check(load_job(None, ["train.report_to=[tensorboard,mlflow]", "output_dir=runs/x"]))  # local: fine
+
+
+@pytest.mark.parametrize("every, interval", [("200", (200, 0.0)), ("30s", (0, 30.0)), ("10m", (0, 600.0)), ("1.5h", (0, 5400.0)), ("0", (0, 0.0))])
+def test_checkpoint_every_is_steps_or_a_duration(every, interval):
+    assert load_job(str(REPO / "jobs" / "quickstart.yaml"), [f"train.checkpoint_every={every}"]).train.checkpoint_interval == interval

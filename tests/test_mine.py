@@ -16,6 +16,7 @@ from helpers import train_overrides as overrides
 from raykit.cli import main
 from raykit.data import load_beir
 from raykit.encoder import Encoder
+from raykit.errors import RaykitError
 from raykit.jobfile import load_job
 from raykit.train.mine import run as mine
 
@@ -32,11 +33,12 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def lora_run(ray_cluster, tiny_model, tmp_path_factory) -> Path:
     """jobs/lora_hardneg_mnr.yaml's shape on 2 workers: mine, then LoRA on the triplets, with Matryoshka,
-    an out-of-domain set, a periodic evaluation and two trackers. Its mined triplets serve the other tests."""
+    an out-of-domain set, a periodic evaluation, two trackers and checkpoints by the clock. Its mined
+    triplets serve the other tests."""
     out = tmp_path_factory.mktemp("lora") / "run"
     args = overrides(tiny_model, out, "lora.rank=4", "train.lr=1e-2", "train.eval_every=2", "mine.enabled=true", *MINE,
                      "loss.matryoshka_dims=[16,32]", f"eval.ood_data={QUICKSTART}", "eval.ood_split=train",
-                     "eval.max_ood_drop=0.5", "train.report_to=[tensorboard,mlflow]")
+                     "eval.max_ood_drop=0.5", "train.report_to=[tensorboard,mlflow]", "train.checkpoint_every=0.1s")
     assert main(["train", JOB, *args]) == 0
     return out
 
@@ -45,6 +47,9 @@ def test_lora_on_mined_hard_negatives_with_matryoshka_the_forgetting_guard_and_t
     summary, metrics = check_run(lora_run, tiny_model, "lora")
     assert summary["config"]["data"]["train"] == str(lora_run / "mined" / "triplets.jsonl")
     assert summary["resumed_from"] == []
+    # by the clock: a report that finds 0.1 s gone since the last checkpoint makes one (the evaluation at
+    # step 2 alone takes longer, so step 3's report does)
+    assert summary["checkpoints"]["count"] >= 1 and summary["checkpoints"]["seconds"] > 0
     evaluation = json.loads((lora_run / "eval.json").read_text())
     assert set(evaluation) >= {"before", "after", "ood_before", "ood_after", "flags"}
     assert set(evaluation["ood_after"]) == {"16", "32"}
@@ -72,10 +77,15 @@ def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positive
         assert row["negative_ids"] == ranked[2:4]
         assert row["negatives"] == [beir.corpus[i] for i in row["negative_ids"]]
 
-    # A rerun reuses the file; a margin keeps only candidates scoring well below the positive.
+    # A rerun reuses the file; mining settings of another job are refused, naming what differs.
     job = load_job(JOB, overrides(tiny_model, lora_run, *MINE, f"mine.output={triplets}"))
     written = triplets.stat().st_mtime_ns
     assert mine(job) == str(triplets) and triplets.stat().st_mtime_ns == written
+    with pytest.raises(RaykitError, match=r"holds triplets of another job \(mine.range_min: 2 there, 3 here\); delete it to make it again, or set mine.output"):
+        mine(load_job(JOB, overrides(tiny_model, lora_run, *MINE, "mine.range_min=3", f"mine.output={triplets}")))
+    assert triplets.stat().st_mtime_ns == written
+
+    # A margin keeps only candidates scoring well below the positive.
     margin = load_job(JOB, [f"model.name={tiny_model}", "model.max_seq_length=32", f"data.train={QUICKSTART}",
                             f"mine.output={tmp_path / 'm.parquet'}", "mine.margin=0.01", "mine.range_min=0",
                             "mine.top_k=230", "mine.embed.shard_mb=0.01", "mine.embed.concurrency=1"])

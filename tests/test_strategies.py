@@ -103,3 +103,41 @@ def test_lora_state_round_trips_and_loads_no_pickled_code(tiny_model, tmp_path):
     torch.save({**state, "extra": _Payload()}, tmp_path / "lora_state.pt")
     with pytest.raises(pickle.UnpicklingError):
         again.load_state(str(tmp_path))
+
+
+def test_deepspeed_state_round_trips_and_loads_no_pickled_code(tiny_model, tmp_path, monkeypatch):
+    """ZeRO-2 in fp32 and bf16, in this process (one gloo group for both: DeepSpeed keeps the groups it
+    sees for the life of the process). DeepSpeed's own load would unpickle anything."""
+    import pickle
+    import socket
+
+    import torch.distributed as dist
+
+    from raykit.config import JobConfig
+    from raykit.strategies.full import CHECKPOINT_TAG, DeepSpeedTrainee
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        for bf16 in (False, True):
+            job = JobConfig(model=ModelConfig(name=tiny_model), train=TrainConfig(strategy="full"), deepspeed=DeepSpeedConfig(zero_stage=2))
+            trainee = DeepSpeedTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=bf16)
+            trainee.step(trainee(trainee.encoder.tokenize(TEXTS)).float().sum())
+            trainee.save_state(str(tmp_path / str(bf16)), rank=0)
+            again = DeepSpeedTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=bf16)
+            again.load_state(str(tmp_path / str(bf16)))
+            assert again.lr == trainee.lr
+            for (name, p), (_, q) in zip(trainee.encoder.named_parameters(), again.encoder.named_parameters()):
+                assert torch.equal(p, q), name
+
+            optimizer_file = next((tmp_path / str(bf16) / CHECKPOINT_TAG).glob("*optim_states.pt"))
+            state = torch.load(optimizer_file, weights_only=False)
+            torch.save({**state, "extra": _Payload()}, optimizer_file)
+            with pytest.raises(pickle.UnpicklingError):
+                again.load_state(str(tmp_path / str(bf16)))
+    finally:
+        dist.destroy_process_group()

@@ -1,7 +1,15 @@
 """`raykit train` on a local Ray (a tiny BERT, the bundled quickstart data): a worker killed and recovered, a
-killed run resumed by its rerun, and bad input refused before anything starts."""
+killed driver's run resumed by its rerun past a damaged checkpoint, and bad input refused before anything
+starts."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import TRAIN_JOB as JOB
@@ -9,33 +17,67 @@ from helpers import check_outputs, check_run, kill_a_worker_after_checkpoint, re
 from helpers import train_overrides as overrides
 
 from raykit.cli import main
-from raykit.errors import RunFailed
 from raykit.jobfile import load_job
 from raykit.train import driver
 
 
-def test_zero2_recovers_from_a_killed_worker(ray_cluster, tiny_model, tmp_path):
-    """A worker SIGKILLed after the step-2 checkpoint: Ray Train restarts the group from it by itself."""
+@pytest.mark.parametrize("strategy", [["train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3"], ["lora.rank=4"]], ids=["zero2", "lora"])
+def test_a_killed_worker_is_recovered_by_default_with_no_batch_skipped_or_repeated(ray_cluster, tiny_model, tmp_path, strategy):
+    """A worker SIGKILLed after the step-2 checkpoint: Ray Train restarts the group from it by itself
+    (run.max_failures is on by default), and the run trains on exactly the batches an uninterrupted
+    run does (check_run compares the per-rank digests of the batches' query ids)."""
     out = tmp_path / "run"
-    extra = ["train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3", "train.checkpoint_every=2", "run.max_failures=1"]
-    driver.run(load_job(JOB, overrides(tiny_model, out, *extra)), callbacks=[kill_a_worker_after_checkpoint(step=2)])
-    summary, _ = check_run(out, tiny_model, "full")
+    driver.run(load_job(JOB, overrides(tiny_model, out, *strategy, "train.checkpoint_every=2")), callbacks=[kill_a_worker_after_checkpoint(step=2)])
+    summary, _ = check_run(out, tiny_model, "lora" if "lora.rank=4" in strategy else "full")
     assert summary["resumed_from"] == [2]
 
 
-def test_rerun_resumes_then_is_a_no_op(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
+KILLED_DRIVER = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from helpers import kill_the_driver_after_checkpoint
+from raykit.jobfile import load_job
+from raykit.train import driver
+driver.run(load_job({job!r}, {args!r}), callbacks=[kill_the_driver_after_checkpoint(os.getpid(), step=4)])
+"""
+
+
+def test_a_killed_driver_resumes_from_the_latest_sound_checkpoint_and_another_job_is_refused(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
+    """The driver SIGKILLed after the step-4 checkpoint, whose adapter file is then cut short: the same
+    command again warns in one line, resumes from step 2, and trains on the uninterrupted run's batches.
+    Once complete, it is a no-op; another job there is refused unless it asks for a new run."""
+    import ray
+
     monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
     out = tmp_path / "run"
-    # one worker: resuming is the point here (test_zero2_recovers_from_a_killed_worker has two)
-    args = overrides(tiny_model, "run", "train.checkpoint_every=2", "lora.rank=4", "scaling.num_workers=1")
-    with pytest.raises(RunFailed, match="rerun the same command to resume"):  # run.max_failures=0
-        driver.run(load_job(JOB, args), callbacks=[kill_a_worker_after_checkpoint(step=2)])
+    args = overrides(tiny_model, "run", "train.max_steps=6", "train.checkpoint_every=2", "lora.rank=4", "scaling.num_workers=1")
+    script = KILLED_DRIVER.format(tests=str(Path(__file__).parent), job=JOB, args=args)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    killed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "run.json").exists() and not (out / "model").exists()
+
+    damaged = out / "checkpoints" / "checkpoint_00000004" / "lora_state.pt"
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[:100])
     assert main(["train", JOB, *args]) == 0
     summary = check_outputs(out)
     assert summary["resumed_from"] == [2]
+    assert summary["damaged_checkpoints"] == [f"checkpoint_00000004: lora_state.pt has 100 bytes, {len(whole)} were written"]
     assert main(["train", JOB, *args]) == 0
     assert "this run is complete" in capsys.readouterr().out
+
+    # Another job into the same output_dir: refused, naming what differs, until it asks for a new run,
+    # which removes the old run's files and no others.
+    error = refused(capsys, "train", JOB, *args, "train.lr=0.5", "train.max_steps=2")
+    assert error.endswith("holds a run of another job (train.lr: 0.001 there, 0.5 here; train.max_steps: 6 there, 2 here); "
+                          "use another output_dir, or new_run=true to replace that run"), error
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", JOB, *args, "train.lr=0.5", "train.max_steps=2", "new_run=true"]) == 0
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["resumed_from"] == [] and summary["steps"] == 2 and summary["config"]["train"]["lr"] == 0.5
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint_")) == ["checkpoint_00000002"]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,33 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, bf16: bool) -> dic
     }
 
 
+def _deepspeed_checkpoint_types() -> list:
+    """The only non-tensor types DeepSpeed's ZeRO checkpoints hold: plain data classes and an enum."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only(checkpoint_engine):
+    """DeepSpeed loads its files with `weights_only=False`: whoever can write the checkpoint folder could
+    run code on every worker. Its engine's load reads them with `weights_only=True` instead, allowing
+    only the types it saves."""
+    load = checkpoint_engine.load
+
+    def safe_load(path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = safe_load
+    try:
+        yield
+    finally:
+        checkpoint_engine.load = load
+
+
 class DeepSpeedTrainee:
     def __init__(self, encoder: Encoder, job: JobConfig, total_steps: int, device: torch.device, bf16: bool):
         import deepspeed
@@ -85,7 +112,8 @@ class DeepSpeedTrainee:
         self.module.save_checkpoint(path, tag=CHECKPOINT_TAG)
 
     def load_state(self, path: str) -> None:
-        self.module.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        with _weights_only(self.module.checkpoint_engine):
+            self.module.load_checkpoint(path, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
 
     def export(self, path: str, rank: int) -> None:
         """Save the whole model from rank 0; under ZeRO-3 the shards are gathered first (collective)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import raykit.log
-from raykit import storage
+from raykit import identity, storage
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.data import load_beir, load_training_set, load_validation_set
@@ -24,9 +24,18 @@ from raykit.encoder import resolve_model
 from raykit.errors import RaykitError, RunFailed
 from raykit.train import report, tracking
 from raykit.train.card import model_card
-from raykit.train.loop import STATE_FILE, train_fn_per_worker
+from raykit.train.checkpoints import STATE_FILE
+from raykit.train.loop import train_fn_per_worker
 
 log = logging.getLogger(__name__)
+
+# What a training run writes into output_dir: new_run=true removes these, and nothing else there.
+OUTPUTS = ("job.json", "checkpoints", "mined", "scored", "model", "adapter", "metrics.jsonl", "tensorboard", "mlruns",
+           "eval.json", "loss_curve.png", "ndcg_by_dim.png", "forgetting.png", "run.json")
+# Settings that change how a run goes, not what it produces: a rerun may change them and resume.
+OPERATIONAL = ("output_dir", "new_run", "run", "train.log_every", "train.checkpoint_every", "train.report_to",
+               "scaling.cpus_per_worker", "eval.batch_size", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
+               "mine.embed.num_gpus", "teacher.output", "teacher.concurrency", "teacher.num_gpus")
 
 
 def run(job: JobConfig, callbacks=()) -> dict:
@@ -40,12 +49,14 @@ def run(job: JobConfig, callbacks=()) -> dict:
     # Workers run in a folder of Ray's: what they write into output_dir needs its absolute path.
     job = dataclasses.replace(job, output_dir=output_dir)
     require_shared_storage("output_dir", output_dir)
+    check(job)
+    _claim(output_dir, job)
     summary_path = storage.join(output_dir, "run.json")
     if storage.exists(summary_path):
         log.info(f"{summary_path} exists: this run is complete. Use another output_dir to train again.")
         return json.loads(storage.read_bytes(summary_path))
 
-    job, inputs = prepare(job)
+    job, inputs = prepare(job, checked=True)
     connect_ray()
     trainer = make_trainer(job, inputs, storage_path=output_dir, name="checkpoints", callbacks=callbacks)
     started = time.time()
@@ -63,6 +74,23 @@ def run(job: JobConfig, callbacks=()) -> dict:
         log.info(block)
     log.info(f"model: {summary['model']}  ({summary['seconds']}s)")
     return summary
+
+
+def _claim(output_dir: str, job: JobConfig) -> None:
+    """Make output_dir this job's: record its identity, or find it recorded there already. A different
+    job's run there is refused, or with new_run=true removed (only what a run writes)."""
+    path = storage.join(output_dir, "job.json")
+    ours, recorded = identity.of(job.to_dict(), OPERATIONAL), identity.read(path)
+    if recorded is not None:
+        diffs = identity.differences(recorded, ours)
+        if not diffs:
+            return
+        if not job.new_run:
+            raise identity.refusal(output_dir, "a run", diffs, "use another output_dir, or new_run=true to replace that run")
+        log.info(f"new_run=true: removing the previous run from {output_dir} ({len(diffs)} setting(s) differ)")
+        for name in OUTPUTS:
+            storage.remove(storage.join(output_dir, name))
+    identity.record(path, ours)
 
 
 def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, started: float) -> dict:
@@ -86,6 +114,10 @@ def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, st
         "train_pairs": inputs["num_rows"],
         "seconds": round(time.time() - started, 1),
         "resumed_from": state.get("resumed_from", []),
+        "damaged_checkpoints": state.get("damaged_checkpoints", []),  # passed over on resume
+        # per rank: a running sha256 of the (query, positive) ids trained on, in order (raykit/train/batches.py)
+        "batches_sha256": state["batches_sha256"],
+        "checkpoints": state["checkpoint_totals"],
         "eval": evaluation,
         "config": job.to_dict(),
     }
@@ -94,14 +126,20 @@ def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, st
     return summary
 
 
-def prepare(job: JobConfig) -> tuple[JobConfig, dict]:
+def check(job: JobConfig) -> None:
+    """What can be checked before anything is written: the model against the job, the trackers."""
+    check_model(job)
+    tracking.check(job)
+
+
+def prepare(job: JobConfig, checked: bool = False) -> tuple[JobConfig, dict]:
     """Everything that can be wrong with the input fails here, on the driver, before a worker starts.
 
     Returns the job (data.train pointing at mined/scored triplets if it asked for them) and the inputs
     every worker gets: the training table, the evaluation, out-of-domain and validation sets.
     """
-    check_model(job)
-    tracking.check(job)
+    if not checked:
+        check(job)
     if job.mine.enabled or (job.loss.distill and job.teacher.model):
         # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
         # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
@@ -133,12 +171,13 @@ def prepare(job: JobConfig) -> tuple[JobConfig, dict]:
 
 def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, callbacks=()):
     """The TorchTrainer of one run: `raykit train`'s, or one sweep trial's (with Tune's report callback)."""
-    import ray.data
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress line: ours
-    loop_config = {"job": job, "log_level": raykit.log.level(), **{k: v for k, v in inputs.items() if k != "table"}}
+    # The pairs go to the workers through the object store, not as a Ray Data dataset: the loop owns
+    # their order, so that a resumed run continues exactly (raykit/train/batches.py).
+    loop_config = {"job": job, "log_level": raykit.log.level(), **inputs, "table": ray.put(inputs["table"])}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -157,7 +196,6 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
             worker_runtime_env={"env_vars": env} if (env := tracking.worker_env()) else None,
             callbacks=list(callbacks),
         ),
-        datasets={"train": ray.data.from_arrow(inputs["table"])},
     )
 
 

@@ -7,14 +7,10 @@ Its decisions (when to report, evaluate, validate, checkpoint) are the small hel
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,9 +23,9 @@ from raykit.evaluate import evaluate
 from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
+from raykit.train import checkpoints
+from raykit.train.batches import BatchDigest, epoch_batches, take
 from raykit.train.tracking import RunLog
-
-STATE_FILE = "state.json"
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -53,9 +49,8 @@ def train_fn_per_worker(config: dict) -> None:
     encoder = Encoder.load(job.model)
     trainee = build_trainee(encoder, job, total_steps, device, use_bf16(job.train.precision, device))
 
-    # Resume: the latest checkpoint of this output_dir, after a rerun or a worker-group restart.
-    checkpoint = ray.train.get_checkpoint()
-    state = _resume(trainee, checkpoint, total_steps, log)
+    # Resume: the latest sound checkpoint of this output_dir, after a rerun or a worker-group restart.
+    state, batches_sha256 = _resume(trainee, ray.train.get_checkpoint(), rank, total_steps, log)
     run_log = RunLog(job, state, rank)  # metrics.jsonl and the trackers, as training goes
 
     def run_eval(beir: Beir) -> dict:
@@ -63,23 +58,29 @@ def train_fn_per_worker(config: dict) -> None:
 
     _evaluate_base(state, sets, job, run_eval, log)
 
-    shard = ray.train.get_dataset_shard("train")
+    table = ray.get(config["table"])  # the training pairs: one copy per node, in Ray's object store
+    digest = BatchDigest(batches_sha256)
     meter = _Throughput(job.train.batch_size * world, total_steps)
+    saves = _CheckpointCadence(job, state)
     last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
     step = state["step"]
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        for i, batch in enumerate(_epoch_batches(shard, job, config["num_rows"] // world, epoch)):
-            if i < done_in_epoch:
-                continue  # a resumed run replays the epoch's order and skips what it did
+        batches = epoch_batches(table.num_rows, world, rank, job.train.batch_size, job.train.seed, epoch)
+        for rows in batches[done_in_epoch:]:  # a resumed run starts at the step its checkpoint holds
+            batch = take(table, rows)
+            digest.update(batch)
             loss = training_loss(trainee, batch, job, device)
             grad_norm = trainee.step(loss)
             step += 1
             meter.steps += 1
 
             do_eval, do_val = _evaluations_due(job, step, total_steps, sets)
-            if step % job.train.log_every == 0 or step == total_steps or do_eval or do_val:
-                metrics = {"step": step, "epoch": epoch + 1, "loss": _mean_across_ranks(loss.detach().float(), world),
+            do_report = step % job.train.log_every == 0 or step == total_steps or do_eval or do_val
+            time_up = False
+            if do_report:
+                loss_sum, time_up = _sum_across_ranks([loss.detach().float(), saves.time_up()], world)
+                metrics = {"step": step, "epoch": epoch + 1, "loss": loss_sum / world,
                            "lr": trainee.lr, "grad_norm": grad_norm, **meter.rates()}
                 log(_progress_line(metrics, total_steps, meter.eta(step)))
                 if do_eval:
@@ -97,20 +98,23 @@ def train_fn_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
                 meter.restart(eval_s)
 
-            if job.train.checkpoint_every and step % job.train.checkpoint_every == 0 and step < total_steps:
+            if step < total_steps and (saves.steps_up(step) or time_up):
                 state["step"] = step
-                _report_checkpoint(trainee, state, rank, step, {"step": step})
-                log(f"checkpoint at step {step}")
+                started = time.perf_counter()
+                checkpoints.save(trainee, state, rank, world, step, {"step": step}, digest.value)
+                log(saves.saved(step, time.perf_counter() - started))
             if step >= total_steps:
                 break
 
     state["step"] = step
+    state["batches_sha256"] = _gather_across_ranks(digest.value, world)
     run_log.close()
-    log(f"training took {_duration(meter.elapsed())}")
+    log(f"training took {_duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
     after = _evaluate_fine_tuned(state, sets, run_eval, log)
     log("exporting the model")
     final = {"step": step, "done": True, **last_val, **(_flat(after) if after else {})}
-    _report_checkpoint(trainee, state, rank, step, final, export=True, eval_after=after)
+    evaluation = {"before": state["eval_before"], "after": after, "ood_before": state.get("ood_before"), "ood_after": state.get("ood_after")}
+    checkpoints.save(trainee, state, rank, world, step, final, digest.value, export=True, evaluation=evaluation)
 
 
 def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
@@ -150,16 +154,16 @@ def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
 # --- the loop's decisions ----------------------------------------------------------------------------
 
 
-def _resume(trainee, checkpoint, total_steps: int, log) -> dict:
-    """The run's state: from the checkpoint (weights and optimizer loaded into trainee), or fresh."""
-    if not checkpoint:
-        return {"step": 0, "eval_before": None, "ood_before": None, "history": []}
-    with checkpoint.as_directory() as path:
-        trainee.load_state(path)
-        state = json.loads(Path(path, STATE_FILE).read_text())
+def _resume(trainee, checkpoint, rank: int, total_steps: int, log) -> tuple[dict, str]:
+    """The run's state and this rank's batch digest: from the latest sound checkpoint (weights,
+    optimizer and RNG loaded), or fresh."""
+    resumed = checkpoints.resume(trainee, checkpoint, rank)
+    if not resumed:
+        return {"step": 0, "eval_before": None, "ood_before": None, "history": []}, ""
+    state, batches_sha256 = resumed
     state.setdefault("resumed_from", []).append(state["step"])
     log(f"resumed from step {state['step']}/{total_steps}")
-    return state
+    return state, batches_sha256
 
 
 def _evaluate_base(state: dict, sets: dict, job: JobConfig, run_eval, log) -> None:
@@ -185,17 +189,6 @@ def _evaluate_fine_tuned(state: dict, sets: dict, run_eval, log) -> dict | None:
         state["ood_after"] = run_eval(sets["ood"])
         log(_eval_line("after, out of domain", state["ood_after"]))
     return after
-
-
-def _epoch_batches(shard, job: JobConfig, rows_per_worker: int, epoch: int):
-    """This worker's batches of one epoch, in an order fixed by the seed and the epoch."""
-    return shard.iter_batches(
-        batch_size=job.train.batch_size,
-        drop_last=True,  # every rank takes the same number of steps, or the collectives hang
-        batch_format="numpy",
-        local_shuffle_buffer_size=min(rows_per_worker, 100_000),  # a full reshuffle of small shards
-        local_shuffle_seed=job.train.seed + epoch,
-    )
 
 
 def _evaluations_due(job: JobConfig, step: int, total_steps: int, sets: dict) -> tuple[bool, bool]:
@@ -235,40 +228,53 @@ def _progress_line(metrics: dict, total_steps: int, eta: float) -> str:
             f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {metrics['pairs_per_s']:.1f} pairs/s | eta {_duration(eta)}")
 
 
-def _report_checkpoint(trainee, state, rank, step, metrics, export=False, eval_after=None):
-    """Save state (and the exported model) to a local folder and hand it to Ray Train to persist."""
-    import ray.train
+class _CheckpointCadence:
+    """When to checkpoint (train.checkpoint_every: steps, or a duration of training) and what it costs."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trainee.save_state(tmp, rank)
-        if export:
-            trainee.export(os.path.join(tmp, "model"), rank)
-        if rank == 0:
-            Path(tmp, STATE_FILE).write_text(json.dumps(state))
-            if export:
-                evaluation = {"before": state["eval_before"], "after": eval_after,
-                              "ood_before": state.get("ood_before"), "ood_after": state.get("ood_after")}
-                Path(tmp, "eval.json").write_text(json.dumps(evaluation, indent=2))
-        has_files = any(Path(tmp).iterdir())
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
-            checkpoint_dir_name=f"checkpoint_{step:08d}",
-        )
+    def __init__(self, job: JobConfig, state: dict):
+        self.steps, self.seconds = job.train.checkpoint_interval
+        self.totals = state.setdefault("checkpoint_totals", {"count": 0, "seconds": 0.0})
+        self.since = time.perf_counter()
+
+    def steps_up(self, step: int) -> bool:
+        return bool(self.steps) and step % self.steps == 0
+
+    def time_up(self) -> bool:
+        """This rank's clock; the loop acts on the sum over ranks, so every rank checkpoints at one step."""
+        return bool(self.seconds) and time.perf_counter() - self.since >= self.seconds
+
+    def saved(self, step: int, seconds: float) -> str:
+        trained = time.perf_counter() - self.since - seconds
+        self.totals["count"] += 1
+        self.totals["seconds"] += seconds
+        self.since = time.perf_counter()
+        return f"checkpoint at step {step}: {seconds:.1f}s, {100 * seconds / max(trained, 1e-9):.1f}% of the {_duration(trained)} trained since the last"
+
+    def share_line(self, elapsed: float) -> str:
+        n, seconds = self.totals["count"], self.totals["seconds"]
+        return f" ({n} checkpoint(s): {seconds:.1f}s, {100 * seconds / elapsed:.1f}% of it)" if n and elapsed else ""
 
 
 def _tokens(encoder: Encoder, texts, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in encoder.tokenize(list(texts)).items()}
 
 
-def _mean_across_ranks(value: torch.Tensor, world: int) -> float:
+def _sum_across_ranks(values: list, world: int) -> list[float]:
+    """Every rank's values summed (one all-reduce for all of them)."""
+    value = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if world > 1:
-        value = value.clone()
-        on = value.device if dist.get_backend() == "nccl" else "cpu"
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         value = value.to(on)
         dist.all_reduce(value)
-        value /= world
-    return float(value)
+    return value.tolist()
+
+
+def _gather_across_ranks(value: str, world: int) -> list[str]:
+    if world == 1:
+        return [value]
+    values: list = [None] * world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _flat(results: dict) -> dict[str, float]:

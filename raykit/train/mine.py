@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from raykit import storage
+from raykit import identity, storage
 from raykit.cluster import require_shared_storage
 from raykit.config import EmbedJob, JobConfig
 from raykit.data import is_beir, load_beir, write_pair_file
@@ -41,18 +41,22 @@ def run(job: JobConfig) -> str:
     cfg = job.mine
     out = triplets_path(job)
     require_shared_storage("mine.output" if job.mine.output else "output_dir", out)
-    if storage.exists(out):
+    model = cfg.model or job.model.name
+    source = storage.resolve(job.data.train) if job.data.train else ""
+    settings = identity.of({"data": {"train": source, "split": job.data.split}, "model": model,
+                            "max_seq_length": job.model.max_seq_length, "seed": job.train.seed, "mine": job.to_dict()["mine"]},
+                           ("mine.output", "mine.enabled", "mine.embed.concurrency", "mine.embed.cpus_per_actor", "mine.embed.num_gpus"))
+    if identity.reusable(out, settings, "triplets", "mine.output"):
         log.info(f"mine: {out} exists; reusing it (delete it to mine again)")
         return out
     started = time.time()
-    model = cfg.model or job.model.name
-    source = storage.resolve(job.data.train) if job.data.train else ""
     if not source or not is_beir(source):
         raise RaykitError(
             f"data.train: {job.data.train or '(not set)'}: mining needs a BEIR folder (corpus, queries, qrels) "
             "to know each query's positives; point data.train at one"
         )
     beir = load_beir(source, job.data.split)
+    identity.record(out + ".job.json", settings)  # before the triplets: they mark the mining complete
     pairs = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]
     positives = {q: {d for d, rel in docs.items() if rel > 0} for q, docs in beir.qrels.items()}
     log.info(f"mine: {len(pairs)} pairs, {len(beir.queries)} queries, corpus {source}, model {model}")

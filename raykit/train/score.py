@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from raykit import storage
+from raykit import identity, storage
 from raykit.cluster import actor_count, connect_ray, quiet_ray_data, require_shared_storage, worker_error
 from raykit.config import JobConfig
 from raykit.data import read_pair_file, write_pair_file
@@ -38,7 +38,9 @@ def run(job: JobConfig, triplets: str) -> str:
     cfg = job.teacher
     out = scored_path(job)
     require_shared_storage("teacher.output" if job.teacher.output else "output_dir", out)
-    if storage.exists(out):
+    settings = identity.of({"triplets": triplets, "scale": job.loss.scale, "teacher": job.to_dict()["teacher"]},
+                           ("teacher.output", "teacher.concurrency", "teacher.num_gpus", "teacher.batch_size"))
+    if identity.reusable(out, settings, "scored triplets", "teacher.output"):
         log.info(f"score: {out} exists; reusing it (delete it to score again)")
         return out
     if not cfg.model:
@@ -47,6 +49,7 @@ def run(job: JobConfig, triplets: str) -> str:
     rows = [row for f in files for row, _ in read_pair_file(f)]
     if not any(r["negatives"] for r in rows):
         raise RaykitError(f"{triplets}: no negatives to score against; mine them first (mine.enabled=true)")
+    identity.record(out + ".job.json", settings)  # before the scores: they mark the scoring complete
     started = time.time()
     log.info(f"score: {len(rows)} triplets with {cfg.kind} {cfg.model}")
 

@@ -13,14 +13,13 @@ best_job.yaml.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
-from raykit import storage
+from raykit import identity, storage
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
-from raykit.errors import ConfigError, Interrupted, RaykitError
+from raykit.errors import ConfigError, Interrupted
 from raykit.train import tracking
 from raykit.train.driver import make_trainer, prepare
 from raykit.tune import report as sweep_report
@@ -73,20 +72,17 @@ def run(job: JobConfig, space: Space) -> dict:
         # every core, so the trial asks for a token amount of memory: max_concurrent_trials paces it.
         {"memory": 1},
     )
-    identity = json.loads(json.dumps({"job": job.to_dict(), "space": space.as_dict()}))  # as stored
+    ours = identity.of({"job": job.to_dict(), "space": space.as_dict()}, ("job.output_dir", "job.new_run", "job.run"))
     experiment = storage.join(output_dir, EXPERIMENT)
     if tune.Tuner.can_restore(experiment):
-        recorded = json.loads(storage.read_bytes(storage.join(output_dir, "sweep.json")))
-        if recorded != identity:
-            raise RaykitError(
-                f"{output_dir} holds a sweep of another job or space ({recorded['space']['path']}); "
-                "use another output_dir, or delete this one to start over"
-            )
+        diffs = identity.differences(identity.read(storage.join(output_dir, "sweep.json")) or {}, ours)
+        if diffs:
+            raise identity.refusal(output_dir, "a sweep", diffs, "use another output_dir, or delete this one to start over")
         log.info(f"resuming the sweep in {experiment}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, restart_errored=True,
                                    param_space=space.param_space())
     else:
-        storage.put_text(storage.join(output_dir, "sweep.json"), json.dumps(identity, indent=2))
+        identity.record(storage.join(output_dir, "sweep.json"), ours)
         log.info(f"sweep: {space.num_trials} trials of {space.path}, {concurrency} at a time, "
               f"{total} steps each, validation every {base.train.eval_every} steps, scheduler {settings.scheduler}")
         tuner = tune.Tuner(
