@@ -5,7 +5,7 @@
 Both train all-MiniLM-L6-v2 with MNR, batch 32, max length 256 on SciFact's training pairs, with the
 machine's cores (torch threads = CPUs). Pairs/s is steady state: the first window of steps (model
 load, first-batch allocation) is left out of both. raykit runs as `raykit train` does, through Ray
-Train and Ray Data, with LoRA (its default strategy) and with full fine-tuning under DeepSpeed ZeRO-2.
+Train, with LoRA (its default strategy) and with full fine-tuning under DeepSpeed ZeRO-2.
 """
 
 from __future__ import annotations

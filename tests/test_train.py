@@ -76,7 +76,7 @@ def test_a_killed_driver_resumes_from_the_latest_sound_checkpoint_and_another_jo
     assert main(["train", JOB, *args, "train.lr=0.5", "train.max_steps=2", "new_run=true"]) == 0
     summary = json.loads((out / "run.json").read_text())
     assert summary["resumed_from"] == [] and summary["steps"] == 2 and summary["config"]["train"]["lr"] == 0.5
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint_")) == ["checkpoint_00000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint_00000002"]
     assert (out / "notes.txt").read_text() == "mine"
 
 

@@ -50,13 +50,13 @@ def run(job: JobConfig, callbacks=()) -> dict:
     job = dataclasses.replace(job, output_dir=output_dir)
     require_shared_storage("output_dir", output_dir)
     check(job)
-    _claim(output_dir, job)
+    diffs = _another_job(output_dir, job)  # refused here unless new_run=true
     summary_path = storage.join(output_dir, "run.json")
-    if storage.exists(summary_path):
+    if not diffs and storage.exists(summary_path):
         log.info(f"{summary_path} exists: this run is complete. Use another output_dir to train again.")
         return json.loads(storage.read_bytes(summary_path))
 
-    job, inputs = prepare(job, checked=True)
+    job, inputs = prepare(job, checked=True, claim=lambda: _claim(output_dir, job, diffs))
     connect_ray()
     trainer = make_trainer(job, inputs, storage_path=output_dir, name="checkpoints", callbacks=callbacks)
     started = time.time()
@@ -76,21 +76,24 @@ def run(job: JobConfig, callbacks=()) -> dict:
     return summary
 
 
-def _claim(output_dir: str, job: JobConfig) -> None:
-    """Make output_dir this job's: record its identity, or find it recorded there already. A different
-    job's run there is refused, or with new_run=true removed (only what a run writes)."""
-    path = storage.join(output_dir, "job.json")
-    ours, recorded = identity.of(job.to_dict(), OPERATIONAL), identity.read(path)
-    if recorded is not None:
-        diffs = identity.differences(recorded, ours)
-        if not diffs:
-            return
-        if not job.new_run:
-            raise identity.refusal(output_dir, "a run", diffs, "use another output_dir, or new_run=true to replace that run")
+def _another_job(output_dir: str, job: JobConfig) -> list[str]:
+    """How the job recorded in output_dir (job.json) differs from this one; [] if it is this one or
+    none is. A different job's run is refused there, unless this job asks for a new run."""
+    recorded = identity.read(storage.join(output_dir, "job.json"))
+    diffs = identity.differences(recorded, identity.of(job.to_dict(), OPERATIONAL)) if recorded is not None else []
+    if diffs and not job.new_run:
+        raise identity.refusal(output_dir, "a run", diffs, "use another output_dir, or new_run=true to replace that run")
+    return diffs
+
+
+def _claim(output_dir: str, job: JobConfig, diffs: list[str]) -> None:
+    """Make output_dir this job's, just before the run first writes there (the input is checked by
+    then: bad input leaves nothing behind). new_run=true removes another job's run: only what a run writes."""
+    if diffs:
         log.info(f"new_run=true: removing the previous run from {output_dir} ({len(diffs)} setting(s) differ)")
         for name in OUTPUTS:
             storage.remove(storage.join(output_dir, name))
-    identity.record(path, ours)
+    identity.record(storage.join(output_dir, "job.json"), identity.of(job.to_dict(), OPERATIONAL))
 
 
 def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, started: float) -> dict:
@@ -127,23 +130,30 @@ def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, st
 
 
 def check(job: JobConfig) -> None:
-    """What can be checked before anything is written: the model against the job, the trackers."""
+    """What can be checked before anything is written: the model against the job, the trackers, what mining needs."""
     check_model(job)
     tracking.check(job)
+    if job.mine.enabled:
+        from raykit.train import mine
+
+        mine.check(job)
 
 
-def prepare(job: JobConfig, checked: bool = False) -> tuple[JobConfig, dict]:
+def prepare(job: JobConfig, checked: bool = False, claim=lambda: None) -> tuple[JobConfig, dict]:
     """Everything that can be wrong with the input fails here, on the driver, before a worker starts.
 
     Returns the job (data.train pointing at mined/scored triplets if it asked for them) and the inputs
-    every worker gets: the training table, the evaluation, out-of-domain and validation sets.
+    every worker gets: the training table, the evaluation, out-of-domain and validation sets. `claim`
+    runs just before the first write into output_dir: before mining or scoring, else once all is checked.
     """
     if not checked:
         check(job)
-    if job.mine.enabled or (job.loss.distill and job.teacher.model):
+    writes_data = job.mine.enabled or (job.loss.distill and job.teacher.model)
+    if writes_data:
         # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
         # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
         connect_ray()
+        claim()
     job = prepare_data(job)
     table = load_training_set(job.data, job.train.seed)
     if job.loss.distill and "positive_score" not in table.column_names:
@@ -161,6 +171,8 @@ def prepare(job: JobConfig, checked: bool = False) -> tuple[JobConfig, dict]:
     }
     inputs["steps_per_epoch"], inputs["total_steps"] = schedule_length(table.num_rows, job.scaling.num_workers, job)
     steps_per_epoch, total_steps = inputs["steps_per_epoch"], inputs["total_steps"]
+    if not writes_data:
+        claim()
     held_out = f" ({job.data.val_queries} queries held out for validation)" if job.data.val_queries else ""
     log.info(
         f"{table.num_rows} training pairs from {job.data.train}{held_out} | {job.scaling.num_workers} worker(s) x "

@@ -36,6 +36,15 @@ def triplets_path(job: JobConfig) -> str:
     return job.mine.output or storage.join(storage.resolve(job.output_dir), "mined", "triplets.jsonl")
 
 
+def check(job: JobConfig) -> None:
+    """Mining needs a BEIR folder: its qrels say which documents are each query's positives."""
+    if not job.data.train or not is_beir(storage.resolve(job.data.train)):
+        raise RaykitError(
+            f"data.train: {job.data.train or '(not set)'}: mining needs a BEIR folder (corpus, queries, qrels) "
+            "to know each query's positives; point data.train at one"
+        )
+
+
 def run(job: JobConfig) -> str:
     """Mine hard negatives for job.data.train; returns the triplets file (reused if already written)."""
     cfg = job.mine
@@ -50,11 +59,7 @@ def run(job: JobConfig) -> str:
         log.info(f"mine: {out} exists; reusing it (delete it to mine again)")
         return out
     started = time.time()
-    if not source or not is_beir(source):
-        raise RaykitError(
-            f"data.train: {job.data.train or '(not set)'}: mining needs a BEIR folder (corpus, queries, qrels) "
-            "to know each query's positives; point data.train at one"
-        )
+    check(job)
     beir = load_beir(source, job.data.split)
     identity.record(out + ".job.json", settings)  # before the triplets: they mark the mining complete
     pairs = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]
