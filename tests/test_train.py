@@ -4,7 +4,6 @@ starts."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,11 +24,21 @@ from raykit.train import driver
 def test_a_killed_worker_is_recovered_by_default_with_no_batch_skipped_or_repeated(ray_cluster, tiny_model, tmp_path, strategy):
     """A worker SIGKILLed after the step-2 checkpoint: Ray Train restarts the group from it by itself
     (run.max_failures is on by default), and the run trains on exactly the batches an uninterrupted
-    run does (check_run compares the per-rank digests of the batches' query ids)."""
+    run does (check_run compares the per-rank digests of the batches' query ids). The output_dir held
+    another job's complete run, which new_run=true replaces: its files go, a user's file stays."""
+    from raykit import identity
+
     out = tmp_path / "run"
-    driver.run(load_job(JOB, overrides(tiny_model, out, *strategy, "train.checkpoint_every=2")), callbacks=[kill_a_worker_after_checkpoint(step=2)])
+    (out / "checkpoints" / "checkpoint_00000009").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint_00000009" / "state.json").write_text("{}")
+    (out / "run.json").write_text('{"steps": 9}')
+    (out / "notes.txt").write_text("mine")
+    identity.record(str(out / "job.json"), {"train.lr": 9.0})
+    args = overrides(tiny_model, out, *strategy, "train.checkpoint_every=2", "new_run=true")
+    driver.run(load_job(JOB, args), callbacks=[kill_a_worker_after_checkpoint(step=2)])
     summary, _ = check_run(out, tiny_model, "lora" if "lora.rank=4" in strategy else "full")
     assert summary["resumed_from"] == [2]
+    assert not (out / "checkpoints" / "checkpoint_00000009").exists() and (out / "notes.txt").read_text() == "mine"
 
 
 KILLED_DRIVER = """
@@ -45,7 +54,7 @@ driver.run(load_job({job!r}, {args!r}), callbacks=[kill_the_driver_after_checkpo
 def test_a_killed_driver_resumes_from_the_latest_sound_checkpoint_and_another_job_is_refused(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
     """The driver SIGKILLed after the step-4 checkpoint, whose adapter file is then cut short: the same
     command again warns in one line, resumes from step 2, and trains on the uninterrupted run's batches.
-    Once complete, it is a no-op; another job there is refused unless it asks for a new run."""
+    Once complete, it is a no-op, and another job there is refused."""
     import ray
 
     monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
@@ -67,17 +76,13 @@ def test_a_killed_driver_resumes_from_the_latest_sound_checkpoint_and_another_jo
     assert main(["train", JOB, *args]) == 0
     assert "this run is complete" in capsys.readouterr().out
 
-    # Another job into the same output_dir: refused, naming what differs, until it asks for a new run,
-    # which removes the old run's files and no others.
+    # Another job into the same output_dir: refused, naming what differs, and nothing changes
+    # (test_a_killed_worker_is_recovered_... replaces one with new_run=true).
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     error = refused(capsys, "train", JOB, *args, "train.lr=0.5", "train.max_steps=2")
     assert error.endswith("holds a run of another job (train.lr: 0.001 there, 0.5 here; train.max_steps: 6 there, 2 here); "
                           "use another output_dir, or new_run=true to replace that run"), error
-    (out / "notes.txt").write_text("mine")
-    assert main(["train", JOB, *args, "train.lr=0.5", "train.max_steps=2", "new_run=true"]) == 0
-    summary = json.loads((out / "run.json").read_text())
-    assert summary["resumed_from"] == [] and summary["steps"] == 2 and summary["config"]["train"]["lr"] == 0.5
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint_00000002"]
-    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 @pytest.mark.parametrize(
