@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test cluster-test image bench-train bench-quality bench-embed bench-strategies bench-sweep clean
+.PHONY: install quickstart test cluster-test image bench-faults bench-train bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ IMAGE_FLAVOR ?= gpu
 image:
 	docker build -t $(IMAGE):$(IMAGE_FLAVOR) --build-arg RAY_TAG=$(RAY_VERSION)-py311-$(IMAGE_FLAVOR) \
 		$(if $(filter cpu,$(IMAGE_FLAVOR)),--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu) .
+
+bench-faults: install
+	$(PY) bench/faults.py
 
 bench-train: install
 	$(PY) bench/train_throughput.py
