@@ -50,7 +50,7 @@ def train_fn_per_worker(config: dict) -> None:
     trainee = build_trainee(encoder, job, total_steps, device, use_bf16(job.train.precision, device))
 
     # Resume: the latest sound checkpoint of this output_dir, after a rerun or a worker-group restart.
-    state, batches_sha256 = _resume(trainee, ray.train.get_checkpoint(), rank, total_steps, log)
+    state, digest = _resume(trainee, ray.train.get_checkpoint(), rank, total_steps, log)
     run_log = RunLog(job, state, rank)  # metrics.jsonl and the trackers, as training goes
 
     def run_eval(beir: Beir) -> dict:
@@ -59,7 +59,6 @@ def train_fn_per_worker(config: dict) -> None:
     _evaluate_base(state, sets, job, run_eval, log)
 
     table = ray.get(config["table"])  # the training pairs: one copy per node, in Ray's object store
-    digest = BatchDigest(batches_sha256)
     meter = _Throughput(job.train.batch_size * world, total_steps)
     saves = _CheckpointCadence(job, state)
     last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
@@ -88,11 +87,8 @@ def train_fn_per_worker(config: dict) -> None:
                     metrics.update(_flat(results))
                     log(_eval_line(f"step {step}", results))
                 if do_val:
-                    results = run_eval(sets["val"])
-                    last_val = {f"val_{k}": v for k, v in _flat(results).items()}
-                    last_val["val_ndcg@10"] = results[max(results)]["ndcg@10"]  # at the full size
+                    last_val = _validation(run_eval(sets["val"]), step, log)
                     metrics.update(last_val)
-                    log(_eval_line(f"step {step} validation", results))
                 eval_s = time.perf_counter() - meter.reported_at
                 run_log.log(metrics)
                 ray.train.report(metrics)
@@ -100,9 +96,7 @@ def train_fn_per_worker(config: dict) -> None:
 
             if step < total_steps and (saves.steps_up(step) or time_up):
                 state["step"] = step
-                started = time.perf_counter()
-                checkpoints.save(trainee, state, rank, world, step, {"step": step}, digest.value)
-                log(saves.saved(step, time.perf_counter() - started))
+                log(saves.timed(step, lambda: checkpoints.save(trainee, state, rank, world, step, {"step": step}, digest.value)))
             if step >= total_steps:
                 break
 
@@ -154,16 +148,16 @@ def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
 # --- the loop's decisions ----------------------------------------------------------------------------
 
 
-def _resume(trainee, checkpoint, rank: int, total_steps: int, log) -> tuple[dict, str]:
+def _resume(trainee, checkpoint, rank: int, total_steps: int, log) -> tuple[dict, BatchDigest]:
     """The run's state and this rank's batch digest: from the latest sound checkpoint (weights,
     optimizer and RNG loaded), or fresh."""
     resumed = checkpoints.resume(trainee, checkpoint, rank)
     if not resumed:
-        return {"step": 0, "eval_before": None, "ood_before": None, "history": []}, ""
+        return {"step": 0, "eval_before": None, "ood_before": None, "history": []}, BatchDigest()
     state, batches_sha256 = resumed
     state.setdefault("resumed_from", []).append(state["step"])
     log(f"resumed from step {state['step']}/{total_steps}")
-    return state, batches_sha256
+    return state, BatchDigest(batches_sha256)
 
 
 def _evaluate_base(state: dict, sets: dict, job: JobConfig, run_eval, log) -> None:
@@ -189,6 +183,14 @@ def _evaluate_fine_tuned(state: dict, sets: dict, run_eval, log) -> dict | None:
         state["ood_after"] = run_eval(sets["ood"])
         log(_eval_line("after, out of domain", state["ood_after"]))
     return after
+
+
+def _validation(results: dict, step: int, log) -> dict[str, float]:
+    """A validation's figures as reported (`val_ndcg@10/32`, ...), `val_ndcg@10` at the full size."""
+    log(_eval_line(f"step {step} validation", results))
+    val = {f"val_{k}": v for k, v in _flat(results).items()}
+    val["val_ndcg@10"] = results[max(results)]["ndcg@10"]
+    return val
 
 
 def _evaluations_due(job: JobConfig, step: int, total_steps: int, sets: dict) -> tuple[bool, bool]:
@@ -243,8 +245,12 @@ class _CheckpointCadence:
         """This rank's clock; the loop acts on the sum over ranks, so every rank checkpoints at one step."""
         return bool(self.seconds) and time.perf_counter() - self.since >= self.seconds
 
-    def saved(self, step: int, seconds: float) -> str:
-        trained = time.perf_counter() - self.since - seconds
+    def timed(self, step: int, save) -> str:
+        """Run `save`, count its cost, and say it as a share of the training time since the last one."""
+        started = time.perf_counter()
+        save()
+        seconds = time.perf_counter() - started
+        trained = started - self.since
         self.totals["count"] += 1
         self.totals["seconds"] += seconds
         self.since = time.perf_counter()
