@@ -35,14 +35,14 @@ def refusal(where: str, what: str, diffs: list[str], fix: str) -> RaykitError:
     return RaykitError(f"{where} holds {what} of another job ({'; '.join(diffs[:SHOWN])}{more}); {fix}")
 
 
-def reusable(out: str, mine: dict, what: str, key: str) -> bool:
+def reusable(out: str, ours: dict, what: str, key: str) -> bool:
     """Whether `out` (mined or scored triplets) exists to be reused: made by this identity (recorded
     in `out`.job.json), or a file raykit did not make (given as data, used as it is). Made by other
     settings: refused."""
     if not storage.exists(out):
         return False
     recorded = read(out + ".job.json")
-    diffs = differences(recorded, mine) if recorded is not None else []
+    diffs = differences(recorded, ours) if recorded is not None else []
     if diffs:
         raise refusal(out, what, diffs, f"delete it to make it again, or set {key} to another path")
     return True
