@@ -113,28 +113,35 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def user_error(e: BaseException) -> RaykitError | None:
-    """The RaykitError a worker raised, from the exception Ray hands the driver.
+def raised_by_raykit(e: BaseException) -> RaykitError | RunFailed | None:
+    """The raykit exception (bad input, or a run-time failure such as StorageUnavailable) a worker
+    raised, from the exception Ray hands the driver.
 
     Ray Data re-raises a worker's exception as RayTaskError(UserCodeException) without the original
     as a cause; its text keeps the remote traceback, whose `raykit.errors.X: message` line is ours.
     """
-    if isinstance(e, RaykitError):
+    import raykit.errors
+
+    if isinstance(e, (RaykitError, RunFailed)):
         return e
-    found = re.findall(r"^raykit\.errors\.\w+: (.+)$", str(e), flags=re.MULTILINE)
-    return RaykitError(found[-1]) if found else None
+    found = re.findall(r"^raykit\.errors\.(\w+): (.+)$", str(e), flags=re.MULTILINE)
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(raykit.errors, name, RaykitError)
+    return cls(message) if isinstance(cls, type) and issubclass(cls, (RaykitError, RunFailed)) else RaykitError(message)
 
 
 def worker_error(e: BaseException, what: str, resume: str) -> RaykitError | RunFailed:
-    """What the driver raises for an exception a Ray Data worker raised: the worker's RaykitError
-    (bad input, exit 2), else a run-time failure in one line (exit 1): `what` failed, with the error
+    """What the driver raises for an exception a Ray Data worker raised: the worker's own raykit
+    error (bad input, exit 2; storage unavailable, exit 1), else a run-time failure in one line (exit 1): `what` failed, with the error
     that caused it, and how to resume; the full traceback goes to the log first.
 
     Ray's exception text holds the remote traceback; the first exception line there that is not
     Ray's (UserCodeException, RayTaskError) is the worker's own error.
     """
-    if bad_input := user_error(e):
-        return bad_input
+    if ours := raised_by_raykit(e):
+        return ours
     log.error(str(e))
     lines = [line.strip() for line in str(e).splitlines()]
     raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*: ", line)]

@@ -228,16 +228,27 @@ class TrainConfig:
     @property
     def checkpoint_interval(self) -> tuple[int, float]:
         """`checkpoint_every` as (steps, seconds): one of them is 0; both 0 = only at the end."""
-        text = self.checkpoint_every.strip().lower()
-        unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 0)
-        number = text[:-1] if unit else text
+        seconds = duration(self.checkpoint_every)
+        if seconds is not None:
+            return 0, seconds
         try:
-            value = float(number) if unit else int(number)
+            steps = int(self.checkpoint_every.strip())
         except ValueError:
-            value = -1
-        if not value >= 0 or value == float("inf"):
+            steps = -1
+        if steps < 0:
             raise ConfigError(f"train.checkpoint_every: {self.checkpoint_every!r} is neither a step count nor a duration; use e.g. 200, 10m or 0")
-        return (0, value * unit) if unit else (value, 0.0)
+        return steps, 0.0
+
+
+def duration(text: str) -> float | None:
+    """'30s', '10m', '1.5h' in seconds; None when `text` is not a duration (no unit, negative, not finite)."""
+    text = str(text).strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600}.get(text[-1:])
+    try:
+        value = float(text[:-1]) if unit else -1.0
+    except ValueError:
+        return None
+    return value * unit if 0 <= value < float("inf") else None
 
 
 @dataclass(frozen=True)

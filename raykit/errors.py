@@ -30,3 +30,7 @@ class RunFailed(Exception):
 
 class Interrupted(RunFailed):
     """The user stopped the run; the message says how to resume."""
+
+
+class StorageUnavailable(RunFailed):
+    """The object store did not answer within RAYKIT_STORAGE_RETRY; what was written is kept."""

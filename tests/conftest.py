@@ -72,7 +72,8 @@ def tiny_teacher(tmp_path_factory, tiny_model) -> str:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real SeaweedFS S3 server on loopback; yields a function that makes a fresh bucket."""
+    """A real SeaweedFS S3 server on loopback; yields a function that makes a fresh bucket, with
+    `.client` (boto3) and `.server` (the process; a test that restarts it stores the new one there)."""
     import boto3
 
     proc = seaweed.start(tmp_path_factory.mktemp("weed"), S3_PORT)
@@ -83,8 +84,9 @@ def s3_server(tmp_path_factory):
         return seaweed.make_bucket(client, f"raykit-test-{next(counter)}")
 
     make_bucket.client = client
+    make_bucket.server = proc  # tests freeze it (SIGSTOP) and restart it (seaweed.restart)
     yield make_bucket
-    seaweed.stop(proc)
+    seaweed.stop(make_bucket.server)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,8 +32,6 @@ def start(data_dir: Path, s3_port: int) -> subprocess.Popen:
 
     Every port is set, so that runs side by side do not collide, and telemetry is off.
     """
-    import boto3
-
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     ports = {name: free_port_pair() for name in ("master", "volume", "filer", "webdav")}
     cmd = [
@@ -40,8 +40,22 @@ def start(data_dir: Path, s3_port: int) -> subprocess.Popen:
         f"-filer.port={ports['filer']}", f"-webdav.port={ports['webdav']}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
     ]
-    log = open(Path(data_dir) / "weed.log", "w")
+    return _run(cmd, data_dir, s3_port)
+
+
+def restart(proc: subprocess.Popen) -> subprocess.Popen:
+    """Kill the server (stopped or not) and start it again on the same ports and data: an S3 restart."""
+    proc.kill()
+    proc.wait()
+    return _run(proc.args, proc.data_dir, proc.s3_port)
+
+
+def _run(cmd: list[str], data_dir: Path, s3_port: int) -> subprocess.Popen:
+    import boto3
+
+    log = open(Path(data_dir) / "weed.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc.data_dir, proc.s3_port = data_dir, s3_port
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}")
     deadline = time.time() + 60
     while True:
@@ -66,6 +80,8 @@ def make_bucket(client, name: str) -> str:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)  # a test that failed while it was frozen
     proc.terminate()
     try:
         proc.wait(timeout=20)

@@ -20,7 +20,7 @@ from raykit.data import load_beir
 from raykit.embed import manifest, search
 from raykit.embed.pipeline import run
 from raykit.encoder import Encoder
-from raykit.errors import RaykitError
+from raykit.errors import RaykitError, RunFailed
 from raykit.evaluate import evaluate
 from raykit.jobfile import load_job
 
@@ -116,22 +116,22 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
     args = [f"model={tiny_model}", f"corpus={QUICKSTART}", f"output={out}", f"max_seq_length={MAX_LEN}",
             f"embed.shard_mb={SHARD_MB}", "embed.concurrency=1", "embed.precision=bf16"]
     bf16 = load_job(None, args, EmbedJob)
-    # A real write failure part-way: a folder where shard 2's file goes makes its rename fail: the
+    # A real write failure part-way: a folder where shard 2's record goes makes its rename fail: the
     # command fails at run time (exit 1) in one line that names the file and says how to resume.
-    (out / "part-000002.parquet").mkdir(parents=True)
+    (out / "_shards" / "part-000002.json").mkdir(parents=True)
     capsys.readouterr()
     assert main(["embed", str(REPO / "jobs" / "reembed_scifact.yaml"), *args]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("raykit: failed: embedding stopped (") and "part-000002.parquet" in last, last
+    assert last.startswith("raykit: failed: embedding stopped (") and "part-000002.json" in last, last
     assert last.endswith("the shards written so far are kept: rerun the same command to write the rest")
     assert not list(out.glob(".tmp-*"))  # the failed write left no temporary behind
     assert not (out / "manifest.json").exists()  # nothing committed: readers see nothing
     with pytest.raises(RaykitError, match="holds no committed embeddings"):
         search.search(str(out), tiny_model, ["pump"])
-    records = {p.name: p.stat().st_mtime_ns for p in (out / "_shards").glob("*.json")}
+    records = {p.name: p.stat().st_mtime_ns for p in (out / "_shards").glob("*.json") if p.is_file()}
     assert "part-000002.json" not in records
 
-    (out / "part-000002.parquet").rmdir()
+    (out / "_shards" / "part-000002.json").rmdir()
     capsys.readouterr()
     committed = run(bf16)
     text = capsys.readouterr().out
@@ -170,7 +170,7 @@ def test_another_model_is_refused_unless_a_new_run_is_asked(ray_cluster, tiny_mo
 def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, tiny_model, fp32_output, tmp_path):
     out, committed = copy_of(fp32_output, tmp_path)
     out = Path(out)
-    with pytest.raises(RaykitError, match="another job committed"):
+    with pytest.raises(RunFailed, match="another job committed"):
         manifest.commit(str(out), committed)
     shard = out / committed["shards"][1]["path"]
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
@@ -181,7 +181,7 @@ def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, ti
 def test_s3_commit_is_conditional(s3_server):
     bucket = s3_server()
     manifest.commit(f"s3://{bucket}/x", {"format": manifest.FORMAT})
-    with pytest.raises(RaykitError, match="another job committed"):
+    with pytest.raises(RunFailed, match="another job committed"):
         manifest.commit(f"s3://{bucket}/x", {"format": manifest.FORMAT, "other": 1})
 
 
@@ -192,7 +192,29 @@ def test_a_bad_embed_job_is_one_line_before_any_worker_starts(tiny_model, tmp_pa
     assert "model: not set" in refused(capsys, "embed", job, f"output={out}")
     assert "embed.dim: 999 is larger than the model's 32" in refused(capsys, "embed", job, f"model={tiny_model}", "embed.dim=999",
                                                                      f"output={out}")
+    assert refused(capsys, "embed", job, f"model={tiny_model}", "max_seq_length=512", f"output={out}").startswith(
+        "raykit: error: max_seq_length: 512 is past the 128 positions")
+    assert refused(capsys, "embed", job, f"model={tiny_model}", "output=s3://") == (
+        "raykit: error: output: s3://: no bucket named; use s3://bucket/prefix")
     assert not out.exists()
+    out.write_text("mine")
+    assert refused(capsys, "embed", job, f"model={tiny_model}", f"output={out}") == (
+        f"raykit: error: output: {out} is a file; give the path of a folder to write")
+    assert out.read_text() == "mine"
+
+
+def test_an_id_in_two_corpus_files_is_refused_naming_both_and_nothing_is_committed(ray_cluster, tiny_model, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text('{"id": "d1", "text": "pumps"}\n{"id": "d2", "text": "valves"}\n')
+    (docs / "b.jsonl").write_text('{"id": "d3", "text": "seals"}\n{"id": "d2", "text": "gaskets"}\n')
+    out = tmp_path / "out"
+    with pytest.raises(RaykitError) as e:
+        run(load_job(None, [f"model={tiny_model}", f"corpus={docs}", f"output={out}", "max_seq_length=48",
+                            "embed.concurrency=1"], EmbedJob))
+    assert str(e.value) == (f"corpus: document id 'd2' is in {docs / 'a.jsonl'} and {docs / 'b.jsonl'}; ids must be "
+                            "unique across the corpus (nothing was committed)")
+    assert not (out / "manifest.json").exists()
 
 
 def test_batches_respect_the_token_budget_and_cover_every_document():

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from raykit import storage
-from raykit.data import doc_text
-from raykit.errors import DataError
+from raykit.data import check_unicode, doc_text, utf8
+from raykit.errors import DataError, StorageUnavailable
 
 SUFFIXES = (".jsonl", ".parquet")
 ID_FIELDS = ("_id", "id")  # BEIR writes _id; plain files often id
@@ -61,7 +61,7 @@ def plan(corpus: str, shard_mb: float) -> list[Shard]:
     shards: list[Shard] = []
     for path in input_files(corpus):
         fs, p = storage.filesystem(path)
-        info = fs.get_file_info(p)
+        info = storage.retrying(path, fs.get_file_info, p)
         if info.size == 0:
             raise DataError(f"{path}: empty file; remove it or give it documents with id and text")
         mtime = info.mtime.isoformat() if info.mtime else ""
@@ -101,9 +101,14 @@ def content_hash(ids: list[str], texts: list[str]) -> str:
 
 
 def _row_group_ranges(fs, p: str, shown: str, shard_bytes: int) -> list[tuple[int, int]]:
-    try:
+    def footer():
         with fs.open_input_file(p) as f:
-            meta = pq.ParquetFile(f).metadata
+            return pq.ParquetFile(f).metadata
+
+    try:
+        meta = storage.retrying(shown, footer)
+    except StorageUnavailable:
+        raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise DataError(f"{shown}: not a valid Parquet file ({str(e).splitlines()[0]})") from None
     names = set(meta.schema.names)
@@ -122,11 +127,15 @@ def _row_group_ranges(fs, p: str, shown: str, shard_bytes: int) -> list[tuple[in
 
 def _read_parquet(shard: Shard) -> tuple[list[str], list[str]]:
     fs, p = storage.filesystem(shard.path)
-    with fs.open_input_file(p) as f:
-        pf = pq.ParquetFile(f)
-        id_col = next(c for c in ID_FIELDS if c in pf.schema_arrow.names)
-        cols = [id_col, "text"] + (["title"] if "title" in pf.schema_arrow.names else [])
-        table = pf.read_row_groups(list(range(shard.start, shard.end)), columns=cols)
+
+    def load():
+        with fs.open_input_file(p) as f:
+            pf = pq.ParquetFile(f)
+            id_col = next(c for c in ID_FIELDS if c in pf.schema_arrow.names)
+            cols = [id_col, "text"] + (["title"] if "title" in pf.schema_arrow.names else [])
+            return pf, id_col, cols, pf.read_row_groups(list(range(shard.start, shard.end)), columns=cols)
+
+    pf, id_col, cols, table = storage.retrying(shard.path, load)
     ids = [None if v is None else str(v) for v in table[id_col].to_pylist()]
     texts = table["text"].to_pylist()
     titles = table["title"].to_pylist() if "title" in cols else [""] * len(ids)
@@ -146,11 +155,17 @@ def _read_jsonl(shard: Shard) -> tuple[list[str], list[str]]:
         if not raw.strip():
             continue
         try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{shard.path}:{_line_number(shard, line_start)}: not valid JSON ({getattr(e, 'msg', e)})") from None
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            utf8(raw, shard.path, _line_number(shard, line_start))  # raises, naming the line and byte
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{shard.path}:{_line_number(shard, line_start)}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{shard.path}:{_line_number(shard, line_start)}: expected a JSON object, got {type(rec).__name__}")
+        if "\\ud" in line.lower():
+            check_unicode(line, rec, f"{shard.path}:{_line_number(shard, line_start)}")
         _id = next((rec[f] for f in ID_FIELDS if f in rec), None)
         text = rec.get("text")
         if _id is None or not isinstance(text, str):
@@ -163,6 +178,10 @@ def _read_jsonl(shard: Shard) -> tuple[list[str], list[str]]:
 
 def _line_range(shard: Shard) -> tuple[bytes, int]:
     """The bytes of every line whose first byte lies in [start, end), and the offset they start at."""
+    return storage.retrying(shard.path, _read_line_range, shard)
+
+
+def _read_line_range(shard: Shard) -> tuple[bytes, int]:
     fs, p = storage.filesystem(shard.path)
     with fs.open_input_file(p) as f:
         if f.size() != shard.size:

@@ -17,14 +17,17 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from datetime import datetime, timezone
+
+import numpy as np
 
 from raykit import __version__, storage
 from raykit.cluster import actor_count, connect_ray, node_count, quiet_ray_data, require_shared_storage, worker_error
 from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest, stages
 from raykit.encoder import Encoder
-from raykit.errors import RaykitError
+from raykit.errors import RaykitError, RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ PROGRESS_EVERY_S = 10.0
 
 def run(job: EmbedJob) -> dict:
     """Embed job.corpus with job.model into job.output; returns the committed manifest."""
+    storage.check_output("output", job.output)
     output = storage.resolve(job.output)
     require_shared_storage("output", output)
     source = storage.resolve(job.corpus)
@@ -54,24 +58,31 @@ def run(job: EmbedJob) -> dict:
     settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length}
     del encoder
 
-    committed = manifest.read_manifest(output)
+    committed = manifest.read_committed(output)
+    replacing = None
     if committed is not None:
-        if _identity(committed) == identity:
-            log.info(f"{storage.join(output, manifest.MANIFEST)}: already committed ({committed['rows']:,} rows in "
-                  f"{len(committed['shards'])} shards, model {manifest.short(fingerprint)}); nothing to do")
-            return committed
+        if committed.manifest is not None and _identity(committed.manifest) == identity:
+            log.info(f"{storage.join(output, manifest.MANIFEST)}: already committed ({committed.manifest['rows']:,} rows in "
+                  f"{len(committed.manifest['shards'])} shards, model {manifest.short(fingerprint)}); nothing to do")
+            return committed.manifest
         if not job.new_run:
-            raise RaykitError(_mismatch(output, committed, identity))
-        log.info(f"new_run=true: retracting the committed embeddings in {output}")
-        manifest.retract(output)
+            raise RaykitError(_mismatch(output, committed.manifest, identity))
+        # The committed embeddings stay readable, untouched, until this run's commit replaces them.
+        log.info(f"new_run=true: writing new embeddings beside the committed ones in {output}; they replace them when complete")
+        replacing = committed
+    manifest.check_store(output)
 
     records = {name: r for name, r in manifest.read_records(output).items() if _record_matches(r, shards, identity)}
+    kept = manifest.sound(output, list(records.values()))
+    records = {name: record for name, (record, _) in kept.items()}
+    id_hashes = {name: ids for name, (_, ids) in kept.items()}  # 8 bytes a document: ids unique across the corpus
     todo = [s for s in shards if s.name not in records]
     log.info(f"embed {source} -> {output} | {len(shards)} shards ({len(records)} already written) | "
           f"model {manifest.short(fingerprint)} | dim {dim} {job.embed.dtype}")
 
     started = time.time()
     written = 0
+    attempt = uuid.uuid4().hex[:8]  # this attempt's shard files are its own: part-000042-<attempt>.parquet
     if todo:
         quiet_ray_data()
         connect_ray(dashboard=False)
@@ -79,8 +90,9 @@ def run(job: EmbedJob) -> dict:
             raise RaykitError("corpus and output: on a multi-node cluster both must be storage every node reaches (s3://...)")
         progress = _Progress(todo, started)
         try:
-            for row in _pipeline(job, todo, output, identity, settings).iter_rows():
+            for row in _pipeline(job, todo, output, identity, settings, attempt).iter_rows():
                 records[row["name"]] = json.loads(row["record"])
+                id_hashes[row["name"]] = np.frombuffer(row["id_hashes"], dtype=np.int64)
                 written += row["rows"]
                 progress.update(row["name"], written)
         except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
@@ -90,16 +102,25 @@ def run(job: EmbedJob) -> dict:
     missing = [s.name for s in shards if s.name not in records]
     if missing:  # cannot happen unless a record vanished underneath us; never commit a gap
         raise RaykitError(f"{output}: shards {missing[:5]} have no record; run the job again to write them")
+    _refuse_duplicate_ids(shards, id_hashes)
     seconds = time.time() - started
-    committed = _manifest(job, source, shards, records, identity, settings, started, seconds)
-    manifest.commit(output, committed)
+    new = _manifest(job, source, shards, records, identity, settings, started, seconds)
+    old = replacing.manifest if replacing else None
+    if old:
+        new["previous"] = sorted({s["path"] for s in old["shards"]} - {s["path"] for s in new["shards"]})
+    try:
+        manifest.commit(output, new, replacing)
+    except RunFailed:  # another job committed first: what this attempt wrote is nobody's
+        manifest.remove_shards(output, [r["path"] for r in records.values() if r["path"].endswith(f"-{attempt}.parquet")])
+        raise
+    manifest.retire(output, old, new)
     rate = written / seconds if seconds else 0.0
-    log.info(f"committed {committed['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
+    log.info(f"committed {new['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
           f"{seconds:.1f} s | {rate:.1f} docs/s -> {storage.join(output, manifest.MANIFEST)}")
-    return committed
+    return new
 
 
-def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict):
+def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict, attempt: str):
     import ray.data
 
     cfg = job.embed
@@ -108,9 +129,11 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
     # Reading + tokenizing and writing are light next to the forward pass: small actor pools that
     # take no CPU reservation (the encoders hold the cores) and grow with the encoders, not with the
     # corpus. Long-lived actors, not tasks: a fixed set of processes, so memory stays flat.
+    env = {"runtime_env": {"env_vars": storage.worker_env()}} if storage.worker_env() else {}
+
     def light(cls, **kwargs):
         return {"fn": cls, "fn_constructor_kwargs": kwargs, "batch_size": 1, "num_cpus": 0,
-                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors))}
+                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)), **env}
 
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(**light(stages.TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"]))
@@ -131,8 +154,33 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=cfg.num_gpus,
         num_cpus=cfg.cpus_per_actor,
+        **env,
     )
-    return ds.map_batches(**light(stages.WriteShards, output=output, identity=identity))
+    return ds.map_batches(**light(stages.WriteShards, output=output, identity=identity, attempt=attempt))
+
+
+def _refuse_duplicate_ids(shards: list[corpus.Shard], id_hashes: dict[str, np.ndarray]) -> None:
+    """One id in two places (two files, or two shards of one) makes a search hit ambiguous: refuse
+    to commit, naming the id and both files. Each shard refused its own duplicates already."""
+    from raykit.data import text_id
+
+    names = [s.name for s in shards]
+    every = np.concatenate([id_hashes[n] for n in names]) if names else np.empty(0, np.int64)
+    values, counts = np.unique(every, return_counts=True)
+    if not (counts > 1).any():
+        return
+    twice = values[counts > 1][0]
+    found = []
+    for shard in shards:
+        if twice in id_hashes[shard.name]:
+            ids, _ = corpus.read(shard)
+            found.append((shard, next(i for i, h in zip(ids, text_id(ids)) if h == twice)))
+            if len(found) == 2:
+                break
+    (first, doc_id), (second, _) = found
+    where = f"{first.path} and {second.path}" if first.path != second.path else f"{first.path} twice"
+    raise RaykitError(f"corpus: document id '{doc_id}' is in {where}; ids must be unique across the corpus "
+                      "(nothing was committed)")
 
 
 def _record_matches(record: dict, shards: list[corpus.Shard], identity: dict) -> bool:
@@ -181,7 +229,9 @@ def _identity(committed: dict) -> dict:
     }
 
 
-def _mismatch(output: str, committed: dict, identity: dict) -> str:
+def _mismatch(output: str, committed: dict | None, identity: dict) -> str:
+    if committed is None:
+        return f"{storage.join(output, manifest.MANIFEST)}: not valid JSON (damaged); pass new_run=true to embed into it again"
     old = _identity(committed)
     what = []
     if old["model"] != identity["model"]:

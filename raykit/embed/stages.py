@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from raykit import storage
+from raykit.data import text_id
 from raykit.embed import corpus, manifest
 from raykit.errors import RaykitError
 
@@ -123,23 +124,24 @@ class EncodeShards:
 class WriteShards:
     """Writes a shard's Parquet file, then its record (see manifest.py): light, no torch."""
 
-    def __init__(self, output: str, identity: dict):
-        self.output, self.identity = output, identity
+    def __init__(self, output: str, identity: dict, attempt: str):
+        self.output, self.identity, self.attempt = output, identity, attempt
 
     def __call__(self, batch: dict) -> dict:
-        out = _write_shard({k: v[0] for k, v in batch.items()}, self.output, self.identity)
+        out = _write_shard({k: v[0] for k, v in batch.items()}, self.output, self.identity, self.attempt)
         return {k: [v] for k, v in out.items()}
 
 
-def _write_shard(row: dict, output: str, identity: dict) -> dict:
+def _write_shard(row: dict, output: str, identity: dict, attempt: str) -> dict:
     shard = corpus.Shard(**json.loads(row["shard"]))
     ids = json.loads(row["ids"])
     emb = np.frombuffer(row["embedding"], dtype=np.dtype(identity["dtype"])).reshape(len(ids), identity["dim"])
     data = manifest.shard_bytes(ids, emb)
-    storage.put(storage.join(output, shard.name + ".parquet"), data)
+    path = f"{shard.name}-{attempt}.parquet"  # never an existing file: a reader of the last commit may be on it
+    storage.put(storage.join(output, path), data)
     record = {
         "name": shard.name,
-        "path": shard.name + ".parquet",
+        "path": path,
         "rows": len(ids),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -151,7 +153,8 @@ def _write_shard(row: dict, output: str, identity: dict) -> dict:
     manifest.write_record(output, record)  # after the shard: a record means the shard is whole
     del data, emb
     _release_memory()
-    return {"name": shard.name, "rows": len(ids), "record": json.dumps(record)}
+    # the ids' 64-bit hashes: the driver checks ids are unique across shards before it commits
+    return {"name": shard.name, "rows": len(ids), "record": json.dumps(record), "id_hashes": text_id(ids).tobytes()}
 
 
 def _release_memory() -> None:

@@ -20,7 +20,7 @@ from raykit import identity, storage
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.data import load_beir, load_training_set, load_validation_set
-from raykit.encoder import resolve_model
+from raykit.encoder import position_limit, resolve_model
 from raykit.errors import RaykitError, RunFailed
 from raykit.train import report, tracking
 from raykit.train.card import model_card
@@ -131,6 +131,11 @@ def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, st
 
 def check(job: JobConfig) -> None:
     """What can be checked before anything is written: the model against the job, the trackers, what mining needs."""
+    storage.check_output("output_dir", job.output_dir)
+    if job.mine.enabled and job.mine.output:
+        storage.check_output("mine.output", job.mine.output, folder=False)
+    if job.teacher.output:
+        storage.check_output("teacher.output", job.teacher.output, folder=False)
     check_model(job)
     tracking.check(job)
     if job.mine.enabled:
@@ -190,6 +195,7 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
     # The pairs go to the workers through the object store, not as a Ray Data dataset: the loop owns
     # their order, so that a resumed run continues exactly (raykit/train/batches.py).
     loop_config = {"job": job, "log_level": raykit.log.level(), **inputs, "table": ray.put(inputs["table"])}
+    path, filesystem = storage.ray_storage(storage_path)  # an S3 client that outlasts an outage
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -200,12 +206,14 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines say enough
-            # the trackers' settings (MLFLOW_TRACKING_URI, WANDB_PROJECT, ...) of the submitting shell
-            worker_runtime_env={"env_vars": env} if (env := tracking.worker_env()) else None,
+            # the trackers' settings (MLFLOW_TRACKING_URI, WANDB_PROJECT, ...) and RAYKIT_STORAGE_RETRY
+            # of the submitting shell
+            worker_runtime_env={"env_vars": env} if (env := {**tracking.worker_env(), **storage.worker_env()}) else None,
             callbacks=list(callbacks),
         ),
     )
@@ -234,6 +242,10 @@ def check_model(job: JobConfig) -> None:
         model_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise RaykitError(f"model.name: cannot load '{job.model.name}' ({str(e).splitlines()[0]})") from None
+    limit = position_limit(model_config)
+    if limit and job.model.max_seq_length > limit:
+        raise RaykitError(f"model.max_seq_length: {job.model.max_seq_length} is past the {limit} positions "
+                          f"{job.model.name} has; use {limit} or less")
     for key, dims in (("eval.dims", job.eval.dims), ("loss.matryoshka_dims", job.loss.matryoshka_dims)):
         if dims and dims[-1] > model_config.hidden_size:
             raise RaykitError(f"{key}: {dims[-1]} is larger than the model's {model_config.hidden_size} dimensions")

@@ -51,6 +51,7 @@ def run(job: JobConfig, space: Space) -> dict:
     from ray import tune
 
     settings = space.settings
+    storage.check_output("output_dir", job.output_dir)
     output_dir = storage.resolve(job.output_dir)
     require_shared_storage("output_dir", output_dir)
     tracking.check(job, sweep=True)
@@ -74,13 +75,14 @@ def run(job: JobConfig, space: Space) -> dict:
     )
     ours = identity.of({"job": job.to_dict(), "space": space.as_dict()}, ("job.output_dir", "job.new_run", "job.run"))
     experiment = storage.join(output_dir, EXPERIMENT)
-    if tune.Tuner.can_restore(experiment):
+    path, filesystem = storage.ray_storage(output_dir)  # an S3 client that outlasts an outage
+    if tune.Tuner.can_restore(storage.ray_storage(experiment)[0], storage_filesystem=filesystem):
         diffs = identity.differences(identity.read(storage.join(output_dir, "sweep.json")) or {}, ours)
         if diffs:
             raise identity.refusal(output_dir, "a sweep", diffs, "use another output_dir, or delete this one to start over")
         log.info(f"resuming the sweep in {experiment}: finished trials are kept, unfinished ones continue")
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, restart_errored=True,
-                                   param_space=space.param_space())
+        tuner = tune.Tuner.restore(storage.ray_storage(experiment)[0], trainable, resume_unfinished=True,
+                                   restart_errored=True, param_space=space.param_space(), storage_filesystem=filesystem)
     else:
         identity.record(storage.join(output_dir, "sweep.json"), ours)
         log.info(f"sweep: {space.num_trials} trials of {space.path}, {concurrency} at a time, "
@@ -95,7 +97,7 @@ def run(job: JobConfig, space: Space) -> dict:
                 search_alg=_searcher(settings, concurrency),
                 scheduler=_scheduler(settings, total, grace),
             ),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=output_dir, verbose=1,
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=filesystem, verbose=1,
                                       callbacks=_trackers(job.train.report_to, output_dir)),
         )
     grid = tuner.fit()

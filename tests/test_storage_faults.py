@@ -1,0 +1,236 @@
+"""Storage faults, real ones: the SeaweedFS server frozen (SIGSTOP), killed and restarted under a
+running `raykit embed` and a training run's checkpoint uploads; a proxy (tests/s3proxy.py) that
+throttles, loses the reply to the commit, or ignores conditional writes; two embeds racing on one
+output. Each output must then be exactly what an undisturbed run writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import seaweed
+from helpers import QUICKSTART, REPO, TRAIN_JOB, check_outputs, refused, train_overrides
+from s3proxy import S3Proxy
+
+from raykit.cli import main
+from raykit.config import EmbedJob
+from raykit.embed import manifest
+from raykit.embed.pipeline import run
+from raykit.errors import RaykitError, RunFailed
+from raykit.jobfile import load_job
+from raykit.train import driver
+
+EMBED_JOB = str(REPO / "jobs" / "reembed_scifact.yaml")
+
+
+def embed_args(model: str, output: str, *extra: str) -> list[str]:
+    """The quickstart corpus (~40 kB) in 8 shards: a fault lands with most of them still to write."""
+    return [f"model={model}", f"corpus={QUICKSTART}", f"output={output}", "max_seq_length=48", "embed.shard_mb=0.005",
+            "embed.concurrency=1", "embed.precision=fp32", *extra]
+
+
+def embed(model: str, output: str, *extra: str) -> dict:
+    return run(load_job(None, embed_args(model, output, *extra), EmbedJob))
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, s3_server, tiny_model) -> dict:
+    """The manifest of an undisturbed run: every faulted run below must write these very bytes."""
+    return embed(tiny_model, f"s3://{s3_server()}/reference")
+
+
+def digests(committed: dict) -> list[tuple[int, str]]:
+    return [(s["rows"], s["sha256"]) for s in committed["shards"]]
+
+
+def verify(output: str, committed: dict) -> None:
+    """What a reader does: the manifest there is this one, and every shard it names checks out."""
+    assert manifest.read_manifest(output) == committed
+    for shard in committed["shards"]:
+        manifest.read_shard(output, shard, committed["embedding"]["dim"])
+
+
+def keys(client, bucket: str, prefix: str) -> dict[str, str]:
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for o in listing.get("Contents", [])}
+
+
+def once_written(s3_server, bucket: str, prefix: str, fault) -> threading.Thread:
+    """Run `fault` in a thread as soon as a shard record under `prefix` is new or rewritten."""
+    before = keys(s3_server.client, bucket, f"{prefix}/_shards/")
+
+    def watch():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            now = keys(s3_server.client, bucket, f"{prefix}/_shards/")
+            if any(before.get(k) != etag for k, etag in now.items()):
+                return fault()
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def freeze_then_restart(s3_server, seconds: float = 20.0):
+    def fault():
+        os.kill(s3_server.server.pid, signal.SIGSTOP)
+        fault.frozen = time.time()
+        time.sleep(seconds)
+        s3_server.server = seaweed.restart(s3_server.server)  # killed while frozen, then started again
+
+    return fault
+
+
+def test_embed_outlasts_a_20s_freeze_and_a_restart_of_the_store(ray_cluster, s3_server, tiny_model, reference):
+    bucket = s3_server()
+    output = f"s3://{bucket}/emb"
+    fault = once_written(s3_server, bucket, "emb", freeze_then_restart(s3_server))
+    committed = embed(tiny_model, output)
+    fault.join()
+    assert committed["seconds"] > 20  # the run did wait through the outage
+    assert digests(committed) == digests(reference)
+    verify(output, committed)
+
+
+def test_a_longer_outage_ends_in_one_line_and_the_rerun_completes_while_readers_keep_the_old_embeddings(
+        ray_cluster, s3_server, tiny_model, reference, monkeypatch, capsys):
+    """A new run (new_run=true) over committed 16-dim embeddings and a user's files; the store freezes
+    past RAYKIT_STORAGE_RETRY. Readers keep the old embeddings whole throughout; one shard the failed
+    run wrote is then damaged; the rerun writes it again and commits the undisturbed run's bytes. The
+    replaced generation's files stay one commit longer; nothing raykit did not write goes."""
+    client = s3_server.client
+    bucket = s3_server()
+    output = f"s3://{bucket}/emb"
+    first = embed(tiny_model, output, "embed.dim=16")
+    for name in ("part-000000.parquet", "notes.txt"):  # a user's files, one named as shards once were
+        client.put_object(Bucket=bucket, Key=f"emb/{name}", Body=b"mine")
+
+    monkeypatch.setenv("RAYKIT_STORAGE_RETRY", "2s")
+    fault = once_written(s3_server, bucket, "emb", lambda: os.kill(s3_server.server.pid, signal.SIGSTOP))
+    capsys.readouterr()
+    try:
+        assert main(["embed", EMBED_JOB, *embed_args(tiny_model, output, "new_run=true")]) == 1
+    finally:
+        fault.join()
+        os.kill(s3_server.server.pid, signal.SIGCONT)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("raykit: failed: ") and "storage did not answer for " in last, last
+    assert "rerun the same command to resume" in last and "RAYKIT_STORAGE_RETRY" in last
+    verify(output, first)
+    monkeypatch.delenv("RAYKIT_STORAGE_RETRY")
+
+    records = [json.loads(client.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys(client, bucket, "emb/_shards/")]
+    damaged = next(r for r in records if r["dim"] == 32)
+    client.put_object(Bucket=bucket, Key=f"emb/{damaged['path']}", Body=b"not a shard")
+    second = embed(tiny_model, output, "new_run=true")
+    assert f"writing {damaged['name']} again" in capsys.readouterr().out
+    assert digests(second) == digests(reference)
+    verify(output, second)
+    first_files = sorted(s["path"] for s in first["shards"])
+    assert second["previous"] == first_files and all(f"emb/{p}" in keys(client, bucket, "emb/") for p in first_files)
+
+    third = embed(tiny_model, output, "embed.dim=16", "new_run=true")  # retires the first generation's files
+    verify(output, third)
+    stored = keys(client, bucket, "emb/")
+    assert not any(f"emb/{p}" in stored for p in first_files)
+    assert all(f"emb/{s['path']}" in stored for s in second["shards"])
+    assert "emb/part-000000.parquet" in stored and "emb/notes.txt" in stored
+
+
+def test_throttling_and_a_lost_reply_to_the_commit_are_resolved(ray_cluster, s3_server, tiny_model, reference, monkeypatch, capsys):
+    """Every third request of the driver's (it reads records, probes the store, commits) answered with
+    503 SlowDown, and the commit's reply lost after the store wrote it: the retry gets 412, the read
+    back finds this run's manifest, and the run succeeds."""
+    from conftest import S3_PORT
+
+    bucket = s3_server()
+    output = f"s3://{bucket}/emb"
+    with S3Proxy(S3_PORT, slow_down_every=3, lose_reply_to="/emb/manifest.json") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the driver's calls; workers write directly
+        committed = embed(tiny_model, output)
+    monkeypatch.undo()
+    assert proxy.lost == 1 and proxy.slowed >= 3
+    assert "the store's reply to the commit was lost; read back, it is this run's" in capsys.readouterr().out
+    assert digests(committed) == digests(reference)
+    verify(output, committed)
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_anything_is_written(s3_server, tiny_model, monkeypatch, capsys):
+    from conftest import S3_PORT
+
+    bucket = s3_server()
+    with S3Proxy(S3_PORT, ignore_conditions=True) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        err = refused(capsys, "embed", EMBED_JOB, *embed_args(tiny_model, f"s3://{bucket}/emb"))
+    assert err == (f"raykit: error: {proxy.url}: this S3 store ignores If-None-Match on PUT, so two jobs writing one "
+                   "output could both commit; use a store with conditional writes (AWS S3, MinIO, SeaweedFS)")
+    assert keys(s3_server.client, bucket, "") == {}
+
+
+def test_two_embeds_into_one_output_at_once_commit_at_most_one(ray_cluster, s3_server, tiny_model):
+    bucket = s3_server()
+    output = f"s3://{bucket}/emb"
+    results: dict[int, object] = {}
+
+    def embed_at(dim: int) -> None:
+        try:
+            results[dim] = embed(tiny_model, output, f"embed.dim={dim}")
+        except (RunFailed, RaykitError) as e:
+            results[dim] = e
+
+    threads = [threading.Thread(target=embed_at, args=(dim,)) for dim in (32, 16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results.values() if isinstance(r, dict)]
+    lost = [r for r in results.values() if not isinstance(r, dict)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert "another job committed this output" in str(lost[0]) or "already committed with" in str(lost[0])
+    verify(output, won[0])
+    shards = {k for k in keys(s3_server.client, bucket, "emb/part-")}
+    assert shards == {f"emb/{s['path']}" for s in won[0]["shards"]}  # the loser took its files away
+
+
+def test_training_outlasts_a_20s_freeze_and_a_restart_during_checkpoint_uploads(ray_cluster, s3_server, tiny_model, tmp_path):
+    """LoRA checkpoints every step into S3; the store freezes for 20 s once the first is there, then
+    restarts. Ray Train's uploads wait it out: no worker restarts, and the run trains on exactly the
+    uninterrupted run's batches."""
+    client = s3_server.client
+    bucket = s3_server()
+    before = keys(client, bucket, "run/checkpoints/")
+
+    def first_checkpoint_then_fault():
+        deadline = time.time() + 180
+        while time.time() < deadline and keys(client, bucket, "run/checkpoints/") == before:
+            time.sleep(0.05)
+        outage()
+
+    outage = freeze_then_restart(s3_server)
+    fault = threading.Thread(target=first_checkpoint_then_fault, daemon=True)
+    fault.start()
+    args = train_overrides(tiny_model, f"s3://{bucket}/run", "lora.rank=4", "train.checkpoint_every=1", "train.max_steps=6")
+    started = time.time()
+    driver.run(load_job(TRAIN_JOB, args))
+    fault.join()
+    assert time.time() - started > 20
+    # the last checkpoint was uploaded after the outage: it waited through it
+    last = max((k for k in keys(client, bucket, "run/checkpoints/") if k.endswith("/state.json")))
+    assert client.head_object(Bucket=bucket, Key=last)["LastModified"].timestamp() > outage.frozen + 19
+    local = tmp_path / "run"
+    stored = keys(client, bucket, "run/")
+    for key in stored:  # the run's files, not its checkpoints nor pyarrow's folder markers
+        if "/checkpoints/" not in key and not key.endswith("/") and not any(k.startswith(key + "/") for k in stored):
+            target = local / key[len("run/"):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target))
+    summary = check_outputs(local)
+    assert summary["steps"] == 6 and summary["resumed_from"] == []
+    assert Path(local / "adapter").is_dir()
