@@ -27,6 +27,9 @@ def resolve_model(name: str) -> str:
     if storage.is_uri(name):
         return storage.local_copy(name)
     if not name.startswith("pkg:"):
+        # A path (not a hub id like org/name) that is not there: say so, not the hub's "Repo id" rule.
+        if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+            raise RaykitError(f"model.name: {name}: no such folder; point it at a model folder, a pkg: path or a hub id")
         return name
     package, _, sub = name[len("pkg:"):].partition("/")
     spec = importlib.util.find_spec(package)
@@ -36,6 +39,14 @@ def resolve_model(name: str) -> str:
     if not path.is_dir():
         raise RaykitError(f"model.name: {name}: no folder '{sub}' inside package '{package}'")
     return str(path)
+
+
+def position_limit(config) -> int:
+    """The longest input a model's position embeddings cover (0: no such limit, e.g. rotary positions)."""
+    limit = getattr(config, "max_position_embeddings", 0) or 0
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet"):  # positions start after the padding index
+        limit -= (getattr(config, "pad_token_id", 1) or 1) + 1
+    return max(limit, 0) if config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2") else 0
 
 
 class Encoder(nn.Module):
@@ -50,7 +61,8 @@ class Encoder(nn.Module):
         self.max_seq_length = max_seq_length
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> "Encoder":
+    def load(cls, cfg: ModelConfig, max_seq_length: int = 0) -> "Encoder":
+        """`max_seq_length`: one the user set (refused past the model's positions), beside cfg's."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -63,11 +75,14 @@ class Encoder(nn.Module):
         except (OSError, ValueError) as e:
             hint = "a local folder, a pkg: path, or a hub id reachable from this machine"
             raise RaykitError(f"model.name: cannot load '{cfg.name}' ({str(e).splitlines()[0]}); use {hint}") from None
+        limit = position_limit(model.config)
+        if limit and max_seq_length > limit:  # asked for by name: refused; a default longer than the model: its limit
+            raise RaykitError(f"max_seq_length: {max_seq_length} is past the {limit} positions {cfg.name} has; use {limit} or less")
         if getattr(model, "pooler", None) is not None:
             # BERT-style poolers feed next-sentence prediction, not our pooling of hidden states: an
             # unused parameter that DDP and ZeRO would wait forever for. Frozen, and saved unchanged.
             model.pooler.requires_grad_(False)
-        return cls(model, tokenizer, cfg.pooling, cfg.normalize, cfg.max_seq_length)
+        return cls(model, tokenizer, cfg.pooling, cfg.normalize, min(cfg.max_seq_length, limit or cfg.max_seq_length))
 
     @classmethod
     def from_pretrained(cls, name: str, max_seq_length: int = 0) -> "Encoder":
@@ -81,7 +96,7 @@ class Encoder(nn.Module):
         if max_seq_length:
             settings["max_seq_length"] = max_seq_length
         try:
-            return cls.load(ModelConfig(name=name, **settings))
+            return cls.load(ModelConfig(name=name, **settings), max_seq_length)
         except RaykitError as e:  # outside a train job the model is not at key model.name
             raise RaykitError(str(e).replace("model.name: ", "model: ", 1)) from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -43,13 +44,38 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parse_value(text)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML would
+    keep the last one silently, and a job would run with a setting its author thought was changed."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"{line}: key '{key}' is given twice (also at line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, missing: str, not_mapping: str) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; `missing` and `not_mapping` finish the error lines."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: {missing}")
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(data.decode("utf-8"), Loader=_UniqueKeys) or {}
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}:{e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -94,6 +120,8 @@ def _coerce(tp, value, where: str, keypath: str):
         return str(value)  # a split named 1 or a numeric path
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: '{keypath}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # YAML's .nan and .inf are floats, and no setting wants one
+        raise ConfigError(f"{where}: '{keypath}' must be a finite number, got {value!r}")
     return value
 
 

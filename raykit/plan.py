@@ -208,6 +208,8 @@ def main(args: argparse.Namespace) -> Plan:
         dims = tuple(int(d) for d in args.dims.split(",") if d.strip())
     except ValueError:
         raise RaykitError(f"plan: --dims {args.dims!r} must be comma-separated integers, e.g. 64,128,384") from None
+    if args.out:
+        storage.check_output("plan --out", args.out, folder=False)
     shape = model_shape(args.model)
     if dims and max(dims) > shape.hidden:
         raise RaykitError(f"plan: --dims {max(dims)} is larger than the model's {shape.hidden}")

@@ -52,6 +52,8 @@ def test_override_beats_yaml(tmp_path):
         ("run.max_failures=-2", "run.max_failures: -2 is below -1"),
         ("run.keep_checkpoints=0", "run.keep_checkpoints: 0 must be above 0"),
         ("train.report_to=[comet]", "train.report_to: 'comet' is not one of tensorboard, mlflow, wandb"),
+        ("train.lr=.nan", "'train.lr' must be a finite number, got nan"),
+        ("train.lr=.inf", "'train.lr' must be a finite number, got inf"),
         ("trainlr", "expected key=value"),
         ("train=3", "'train' must be a mapping"),
     ],
@@ -70,6 +72,16 @@ def test_bad_yaml_names_the_file(tmp_path):
         load_job(p)
     with pytest.raises(ConfigError, match="no such job file"):
         load_job(tmp_path / "missing.yaml")
+
+
+def test_a_job_file_with_a_key_given_twice_or_not_utf8_is_refused_naming_the_line(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("train:\n  lr: 0.001\n  batch_size: 8\n  lr: 0.002\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:4: key 'lr' is given twice \(also at line 2\); keep one$"):
+        load_job(p)
+    p.write_bytes("train:\n  lr: 0.001  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"job.yaml:2: not UTF-8 \(byte 0xe9\); save it as UTF-8$"):
+        load_job(p)
 
 
 def test_config_is_frozen_and_picklable():

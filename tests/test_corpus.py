@@ -65,6 +65,16 @@ def test_bad_line_is_named_by_file_and_line(tmp_path):
         read_all(str(f), 0.0005)
 
 
+def test_text_that_is_not_utf8_or_not_unicode_is_named_by_file_and_line(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_bytes(b'{"id": 1, "text": "ok"}\n{"id": 2, "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"docs.jsonl:2: not UTF-8 \(byte 0xe9; a latin-1 or cp1252 file\?\)"):
+        read_all(str(f), 1)
+    f.write_text('{"id": 1, "text": "ok \\ud83d\\ude00"}\n{"id": 2, "text": "x\\udc80y"}\n')  # a pair is fine
+    with pytest.raises(DataError, match=r"docs.jsonl:2: a lone surrogate \(\\udc80\)"):
+        read_all(str(f), 1)
+
+
 def test_missing_and_unknown_inputs(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         corpus.plan(str(tmp_path / "nope"), 1)

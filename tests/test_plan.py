@@ -66,6 +66,13 @@ def test_decisions_follow_the_brief(tiny_model):
     assert activation_bytes(shape, 32, 256, 1, True) > activation_bytes(shape, 32, 128, 1, True)
 
 
+def test_plan_out_must_be_a_file_path(tmp_path, capsys):
+    from helpers import refused
+
+    assert refused(capsys, "plan", "--gpu-mem", "24", "--pairs", "5000", "--out", str(tmp_path)) == (
+        f"raykit: error: plan --out: {tmp_path} is a folder; give the path of a file to write")
+
+
 def test_cli_writes_a_job_that_loads(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -94,9 +94,21 @@ def test_a_killed_driver_resumes_from_the_latest_sound_checkpoint_and_another_jo
         (["eval.data=/nonexistent/beir"], "eval.data: /nonexistent/beir: no such folder"),
         (["train.batch_size=4096"], "less than one batch per worker"),
         (["train.lrr=1"], "did you mean 'train.lr'"),
+        (["output_dir=s3://"], "output_dir: s3://: no bucket named; use s3://bucket/prefix"),
+        (["model.name=/nonexistent/model"], "model.name: /nonexistent/model: no such folder; point it at a model folder"),
+        (["model.max_seq_length=512"], "model.max_seq_length: 512 is past the 128 positions"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tiny_model, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert message in refused(capsys, "train", JOB, *overrides(tiny_model, out, *extra))
     assert not out.exists()  # nothing half-written
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tiny_model, tmp_path, capsys):
+    (tmp_path / "run").write_text("mine")
+    err = refused(capsys, "train", JOB, *overrides(tiny_model, tmp_path / "run"))
+    assert err == f"raykit: error: output_dir: {tmp_path / 'run'} is a file; give the path of a folder to write"
+    err = refused(capsys, "train", JOB, *overrides(tiny_model, tmp_path / "run" / "sub"))
+    assert err.startswith(f"raykit: error: output_dir: {tmp_path / 'run'} is a file, so nothing can be written under it")
+    assert (tmp_path / "run").read_text() == "mine"

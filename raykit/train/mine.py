@@ -49,6 +49,7 @@ def run(job: JobConfig) -> str:
     """Mine hard negatives for job.data.train; returns the triplets file (reused if already written)."""
     cfg = job.mine
     out = triplets_path(job)
+    storage.check_output("mine.output" if job.mine.output else "output_dir", out, folder=False)
     require_shared_storage("mine.output" if job.mine.output else "output_dir", out)
     model = cfg.model or job.model.name
     source = storage.resolve(job.data.train) if job.data.train else ""

@@ -37,6 +37,7 @@ def run(job: JobConfig, triplets: str) -> str:
 
     cfg = job.teacher
     out = scored_path(job)
+    storage.check_output("teacher.output" if job.teacher.output else "output_dir", out, folder=False)
     require_shared_storage("teacher.output" if job.teacher.output else "output_dir", out)
     settings = identity.of({"triplets": triplets, "scale": job.loss.scale, "teacher": job.to_dict()["teacher"]},
                            ("teacher.output", "teacher.concurrency", "teacher.num_gpus", "teacher.batch_size"))
