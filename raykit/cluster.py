@@ -24,10 +24,31 @@ def connect_ray(dashboard: bool = True) -> None:
         # INFO lines (execution plans, "Starting execution") would bury raykit's progress lines.
         verbose = raykit.log.level() <= logging.DEBUG
         quiet = ray.LoggingConfig(log_level="DEBUG" if verbose else "WARNING")
-        if not verbose and not os.environ.get("RAY_ADDRESS"):
+        local = not os.environ.get("RAY_ADDRESS")
+        if not verbose and local:
             quiet_local_ray()
-        ray.init(configure_logging=False, logging_config=quiet, **({} if dashboard else {"include_dashboard": False}))
+        options = {"include_dashboard": False} if not dashboard else own_state_api() if local else {}
+        ray.init(configure_logging=False, logging_config=quiet, **options)
         _connected_here = True
+
+
+def own_state_api() -> dict:
+    """ray.init options for a local Ray whose processes find their own State API.
+
+    Ray Train's placement-group cleaner (in the controller) looks the State API up by scanning the
+    machine for Ray instances: with a second local Ray running (another raykit command, a notebook)
+    it finds two and dies, and nothing removes a lost run's placement groups. So the dashboard gets
+    a port of our choosing and every process of this job is told it (RAY_API_SERVER_ADDRESS).
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = url  # this process's own State API calls
+    return {"dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": url}}}
 
 
 def quiet_local_ray() -> None:

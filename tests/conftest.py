@@ -94,7 +94,7 @@ def ray_cluster():
     """One local Ray for the whole session (4 logical CPUs: 2 workers plus Ray Data's coordinator)."""
     import ray
 
-    from raykit.cluster import quiet_local_ray
+    from raykit.cluster import own_state_api, quiet_local_ray
 
     quiet_local_ray()  # the environment raykit gives a local Ray it starts (no preemption watcher, ...)
     # With the dashboard: Ray Train's placement-group cleaner reads the State API, and without it the
@@ -102,6 +102,10 @@ def ray_cluster():
     # log_to_driver=False: what workers and Ray's own processes print arrives on a thread of its own, at any
     # time, into whatever test is capturing then; tests assert on raykit's output, and exceptions carry the
     # workers' tracebacks. (tests/test_cli.py runs the real CLI, with forwarding, in a subprocess.)
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    # Its own State API address, as raykit gives a local Ray (cluster.own_state_api): test_cluster's
+    # Ray and test_cli's run beside it. Not in this process's environment: a `ray job submit` from
+    # here must reach the cluster it names.
+    ray.init(num_cpus=4, log_to_driver=False, configure_logging=False, **own_state_api())
+    os.environ.pop("RAY_API_SERVER_ADDRESS")
     yield
     ray.shutdown()

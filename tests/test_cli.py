@@ -111,3 +111,24 @@ def test_each_way_a_command_ends_has_its_exit_code_and_one_last_line(monkeypatch
         assert cli.main(["plan", "--gpu-mem", "0", "--pairs", "5000"]) == code
         assert capsys.readouterr().err.splitlines()[-1] == line
     assert "130 interrupted" in cli._parser().format_help()
+
+
+def test_two_commands_each_with_its_own_local_ray_do_not_break_each_other(tiny_model, tmp_path):
+    """Two `raykit train` at once on one machine, neither with RAY_ADDRESS: each starts a local Ray.
+    Ray Train's placement-group cleaner used to find both Rays (and any other, such as this session's)
+    when it looked for its State API, and die; both runs now finish clean."""
+    from helpers import TRAIN_JOB, train_overrides
+
+    env = {**os.environ, "HOME": str(tmp_path)}  # their own ~/.ray (auth token), shared by the two
+    env.pop("RAY_ADDRESS", None)
+    runs = []
+    for name in ("first", "second"):
+        args = train_overrides(tiny_model, tmp_path / name, "eval.data=", "scaling.num_workers=1", "train.max_steps=3")
+        runs.append(subprocess.Popen([str(Path(sys.executable).parent / "raykit"), "train", TRAIN_JOB, *args], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for run in runs:
+        log = run.communicate(timeout=400)[0]
+        assert run.returncode == 0, log[-3000:]
+        # (on 2 cores three Rays at once may also get Ray Train's own "Failed to send resource request")
+        assert "Found multiple active Ray instances" not in log and "PlacementGroupCleaner" not in log, log[-3000:]
+    assert (tmp_path / "first" / "run.json").exists() and (tmp_path / "second" / "run.json").exists()
