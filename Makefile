@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test cluster-test image bench-faults bench-train bench-quality bench-embed bench-strategies bench-sweep clean
+.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-train bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,9 @@ image:
 
 bench-faults: install
 	$(PY) bench/faults.py
+
+bench-outage: install
+	$(PY) bench/outage.py
 
 bench-train: install
 	$(PY) bench/train_throughput.py

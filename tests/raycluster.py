@@ -72,6 +72,8 @@ class Cluster:
     dashboard_port: int
     nodes: list[subprocess.Popen] = field(default_factory=list)
     temp_dirs: list[str] = field(default_factory=list)
+    ips: list[str] = field(default_factory=list)
+    cpus: list[int] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -99,6 +101,25 @@ class Cluster:
                 return
             time.sleep(1)
         raise RuntimeError(f"the cluster's CPUs were not all free after {timeout:.0f}s")
+
+    def replace_node(self, ip: str) -> None:
+        """Lose the worker node at `ip` as a cloud loses a VM (SIGKILL to its raylet, its Ray processes
+        and its workers at once), then start a fresh node with the same address and CPUs, as an
+        autoscaler or KubeRay would, and wait until it has joined."""
+        i = self.ips.index(ip)
+        _signal_group(self.nodes[i], signal.SIGKILL)
+        self.nodes[i].wait(timeout=30)
+        _kill_stragglers([self.temp_dirs[i]])
+        _start_node(self, ip, head=False, cpus=self.cpus[i])
+        for field_ in (self.nodes, self.temp_dirs, self.ips, self.cpus):  # the new node takes the old one's place
+            field_[i] = field_.pop()
+        # joined, and the lost one known dead (the GCS's health check): the cluster's CPUs add up again
+        code = f"result = sorted(n['Alive'] for n in ray.nodes() if n['NodeManagerAddress'] == '{ip}')"
+        deadline = time.time() + 120
+        while probe(self, code) != [False, True]:
+            if time.time() > deadline:
+                raise RuntimeError(f"the node replacing {ip} did not join")
+            time.sleep(1)
 
     def stop(self) -> None:
         # SIGKILL to every group at once, workers and head alike: a test cluster needs no graceful drain,
@@ -166,8 +187,10 @@ def _start_node(cluster: Cluster, ip: str, head: bool, cpus: int) -> None:
         ]
     else:
         args += [f"--address={HEAD_IP}:{cluster.gcs_port}"]
-    log = open(cluster.root / f"ray-start-{ip}.log", "w")
+    log = open(cluster.root / f"ray-start-{ip}.log", "a")
     cluster.nodes.append(subprocess.Popen(args, env=cluster.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    cluster.ips.append(ip)
+    cluster.cpus.append(cpus)
 
 
 def _wait_for_dashboard(cluster: Cluster, timeout: float = 120) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -68,27 +69,46 @@ def actor_nodes(cluster, class_part: str) -> list[str]:
                   if a.get("node_id") and class_part in (a.get("class_name") or "") + (a.get("repr_name") or ""))
 
 
-def test_zero3_training_spreads_over_both_nodes_and_writes_a_loadable_model_to_s3(cluster, bucket, s3_server, capsys):
-    """Data, base model and every output in S3; ZeRO-3 gathers the sharded weights for the export."""
+def test_zero3_training_spreads_over_both_nodes_survives_losing_one_and_writes_a_loadable_model_to_s3(cluster, bucket, s3_server, capsys):
+    """Data, base model and every output in S3; ZeRO-3 gathers the sharded weights for the export.
+    One worker node is lost for good once step 2's checkpoint is in S3 (its Ray processes SIGKILLed)
+    and a fresh node takes its place, as an autoscaler would bring one: the run resumes from its
+    latest checkpoint by itself and trains on exactly the batches of an uninterrupted run."""
+    from helpers import uninterrupted_batches_sha256
+
     output = f"s3://{bucket}/runs/zero3"
+    client = s3_server.client
+
+    def lose_a_node_after_step_2():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            listed = client.list_objects_v2(Bucket=bucket, Prefix="runs/zero3/checkpoints/checkpoint_00000002")
+            if listed.get("KeyCount"):
+                return cluster.replace_node("127.0.0.4")
+            time.sleep(0.2)
+
+    loss = threading.Thread(target=lose_a_node_after_step_2, daemon=True)
+    loss.start()
     status, logs, seconds = submit(
         cluster, "raykit", "train", "jobs/quickstart.yaml", f"model.name=s3://{bucket}/models/tiny-bert",
         f"data.train=s3://{bucket}/data/quickstart", f"eval.data=s3://{bucket}/data/quickstart", f"output_dir={output}",
         "train.strategy=full", "deepspeed.zero_stage=3", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
         "train.batch_size=8", "train.max_steps=4", "train.log_every=2", "model.max_seq_length=32", "eval.dims=[32]",
-        "train.report_to=[tensorboard]",
+        "train.report_to=[tensorboard]", "train.checkpoint_every=1",
         # fp32 on every CPU: the exact embedding check below compares fp32 with fp32 (under auto, an AMX
         # CPU trains and saves bf16, which sentence-transformers then runs in bf16)
         "train.precision=fp32",
         submission_id="zero3",
     )
+    loss.join()
     assert status == "SUCCEEDED", logs[-4000:]
     assert "step 4/4 (100%)" in logs and f"model: {output}/model" in logs
     for secret in S3_ENV.values():  # the job's logs never carry a credential
         assert secret == "us-east-1" or secret not in logs
 
-    # One Ray Train worker on each worker node (the head has no CPUs), each with 1 CPU.
-    assert actor_nodes(cluster, "RayTrainWorker") == ["127.0.0.3", "127.0.0.4"]
+    # Ray Train workers on both worker nodes (the head has no CPUs), each with 1 CPU: the first group's
+    # two, and after the loss the second group's two, one of them on the new node.
+    assert actor_nodes(cluster, "RayTrainWorker") == ["127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4"]
 
     # Everything a run writes, in S3; the event files copied up from the worker that wrote them.
     client = s3_server.client
@@ -101,6 +121,8 @@ def test_zero3_training_spreads_over_both_nodes_and_writes_a_loadable_model_to_s
     run_json = client.get_object(Bucket=bucket, Key="runs/zero3/run.json")["Body"].read().decode()
     run = json.loads(run_json)
     assert run["steps"] == 4 and run["config"]["train"]["strategy"] == "full" and run["eval"]["after"]["32"]
+    assert len(run["resumed_from"]) == 1 and run["resumed_from"][0] >= 2  # the node loss, resumed once
+    assert run["batches_sha256"] == uninterrupted_batches_sha256(run)
     for secret in S3_ENV.values():  # nor does what it stores
         assert secret == "us-east-1" or secret not in run_json
     metrics = client.get_object(Bucket=bucket, Key="runs/zero3/metrics.jsonl")["Body"].read().decode()
@@ -127,7 +149,7 @@ def test_zero3_training_spreads_over_both_nodes_and_writes_a_loadable_model_to_s
     assert not names & {".git", ".venv", "runs", "tests", "k8s"} and not any("bench/results" in str(f) for f in files)
     assert size < UPLOAD_LIMIT
     with capsys.disabled():
-        print(f"\n[cluster] ray job submit -> SUCCEEDED, 2-node ZeRO-3 training (4 steps): {seconds:.1f} s; "
+        print(f"\n[cluster] ray job submit -> SUCCEEDED, 2-node ZeRO-3 training (4 steps, a node lost at step 2 and replaced): {seconds:.1f} s; "
               f"upload {size / 1e3:.0f} kB in {len(files)} files")
 
 

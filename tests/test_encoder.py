@@ -55,6 +55,9 @@ def test_model_names_resolve_or_fail_clearly(tmp_path):
     assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     with pytest.raises(RaykitError, match="package 'no_such_pkg' is not installed"):
         resolve_model("pkg:no_such_pkg/model")
+    with pytest.raises(RaykitError, match=r"model.name: .*/missing: no such folder; point it at a model folder"):
+        Encoder.load(ModelConfig(name=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()  # there, but no model in it
     with pytest.raises(RaykitError, match="cannot load"):
         Encoder.load(ModelConfig(name=str(tmp_path / "empty")))
 
