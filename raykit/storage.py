@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raykit.config import duration
-from raykit.errors import RaykitError, StorageUnavailable
+from raykit.errors import RaykitError, RunFailed, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,8 @@ def _s3(bucket: str, attempts: int, endpoint: str | None, region: str | None) ->
 
 def transient(e: BaseException) -> bool:
     """Whether a storage error may pass by itself (a store down, stalled or throttling)."""
+    if isinstance(e, (RaykitError, RunFailed)):  # ours, about the input or already final; its text may quote anything
+        return False
     if type(e).__name__ in ("EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
                             "ConnectTimeoutError", "ConnectionError"):  # botocore's, named to not import it here
         return True

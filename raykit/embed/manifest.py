@@ -164,13 +164,11 @@ def retire(output: str, old: dict | None, new: dict) -> None:
     """After a new run's commit: delete the files of the generation before the one it replaced.
     The replaced generation's files stay listed in the new manifest's `previous` until the next."""
     keep = {s["path"] for s in new["shards"]} | set(new.get("previous", []))
-    gone = [p for p in (old or {}).get("previous", []) if p not in keep]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda p: storage.remove(storage.join(output, p)), gone))
+    remove_shards(output, [p for p in (old or {}).get("previous", []) if p not in keep])
 
 
 def remove_shards(output: str, paths: list[str]) -> None:
-    """Delete shard files this run wrote that no commit names (a run that lost the race to commit)."""
+    """Delete shard files by their paths in the output (in parallel: one request each on S3)."""
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda p: storage.remove(storage.join(output, p)), paths))
 

@@ -105,15 +105,7 @@ def run(job: EmbedJob) -> dict:
     _refuse_duplicate_ids(shards, id_hashes)
     seconds = time.time() - started
     new = _manifest(job, source, shards, records, identity, settings, started, seconds)
-    old = replacing.manifest if replacing else None
-    if old:
-        new["previous"] = sorted({s["path"] for s in old["shards"]} - {s["path"] for s in new["shards"]})
-    try:
-        manifest.commit(output, new, replacing)
-    except RunFailed:  # another job committed first: what this attempt wrote is nobody's
-        manifest.remove_shards(output, [r["path"] for r in records.values() if r["path"].endswith(f"-{attempt}.parquet")])
-        raise
-    manifest.retire(output, old, new)
+    _commit(output, new, replacing, [r["path"] for r in records.values() if r["path"].endswith(f"-{attempt}.parquet")])
     rate = written / seconds if seconds else 0.0
     log.info(f"committed {new['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
           f"{seconds:.1f} s | {rate:.1f} docs/s -> {storage.join(output, manifest.MANIFEST)}")
@@ -157,6 +149,20 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
         **env,
     )
     return ds.map_batches(**light(stages.WriteShards, output=output, identity=identity, attempt=attempt))
+
+
+def _commit(output: str, new: dict, replacing: manifest.Committed | None, written_now: list[str]) -> None:
+    """Commit `new` over what this run started from. The loser of a race takes away the files it
+    wrote; the winner of a new run deletes the generation before the one it replaces."""
+    old = replacing.manifest if replacing else None
+    if old:
+        new["previous"] = sorted({s["path"] for s in old["shards"]} - {s["path"] for s in new["shards"]})
+    try:
+        manifest.commit(output, new, replacing)
+    except RunFailed:  # another job committed first: what this attempt wrote is nobody's
+        manifest.remove_shards(output, written_now)
+        raise
+    manifest.retire(output, old, new)
 
 
 def _refuse_duplicate_ids(shards: list[corpus.Shard], id_hashes: dict[str, np.ndarray]) -> None:
