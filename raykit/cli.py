@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         args.queries += extra
     log.setup("DEBUG" if args.verbose else "WARNING" if args.quiet else args.log_level)
     try:
+        from raykit import storage
+
+        storage.retry_seconds()  # a malformed RAYKIT_STORAGE_RETRY is bad input, not a surprise mid-run
         COMMANDS[args.command](args)
         return 0
     except RaykitError as e:

@@ -60,7 +60,7 @@ def check_output(key: str, path: str, folder: bool = True) -> None:
     bucket, a local path that is a file (a folder, for a file output) or lies under a file."""
     if is_uri(path):
         try:
-            _bucket_key(path)
+            bucket_key(path)
         except RaykitError as e:
             raise RaykitError(f"{key}: {e}") from None
         return
@@ -92,7 +92,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     calls in this module retry for RAYKIT_STORAGE_RETRY around them (`retrying`)."""
     if not is_uri(path):
         return pafs.LocalFileSystem(), resolve(path)
-    bucket, key = _bucket_key(path)
+    bucket, key = bucket_key(path)
     return _s3(bucket, 1, *_endpoint_and_region()), f"{bucket}/{key}".rstrip("/")
 
 
@@ -101,7 +101,7 @@ def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
     we do not wrap: their S3 client itself retries for at least RAYKIT_STORAGE_RETRY."""
     if not is_uri(path):
         return resolve(path), None
-    bucket, key = _bucket_key(path)
+    bucket, key = bucket_key(path)
     return f"{bucket}/{key}".rstrip("/"), _s3(bucket, sdk_attempts(retry_seconds()), *_endpoint_and_region())
 
 
@@ -126,7 +126,8 @@ def sdk_attempts(seconds: float) -> int:
     return max(3, math.ceil(math.log2(seconds / 0.025 + 2)))
 
 
-def _bucket_key(path: str) -> tuple[str, str]:
+def bucket_key(path: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI; one line when it names no bucket or another scheme."""
     if not str(path).startswith("s3://"):
         raise RaykitError(f"{path}: unsupported URI scheme; use a local path or s3://bucket/prefix")
     bucket, _, key = str(path)[len("s3://"):].partition("/")

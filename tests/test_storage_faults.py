@@ -234,3 +234,17 @@ def test_training_outlasts_a_20s_freeze_and_a_restart_during_checkpoint_uploads(
     summary = check_outputs(local)
     assert summary["steps"] == 6 and summary["resumed_from"] == []
     assert Path(local / "adapter").is_dir()
+
+
+def test_a_store_that_stays_away_ends_the_commit_as_a_run_failure_and_a_bad_budget_is_bad_input(monkeypatch, capsys):
+    """Exit 1 (resumable) when nothing answers, not exit 2 (the input was fine); a malformed
+    RAYKIT_STORAGE_RETRY is refused before any command starts."""
+    from raykit.errors import StorageUnavailable
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{seaweed.free_port_pair()}")  # nothing listens
+    monkeypatch.setenv("RAYKIT_STORAGE_RETRY", "1s")
+    with pytest.raises(StorageUnavailable, match=r"manifest.json: storage did not answer for .*rerun the same command"):
+        manifest.commit("s3://nowhere/emb", {"format": manifest.FORMAT})
+    monkeypatch.setenv("RAYKIT_STORAGE_RETRY", "soon")
+    assert refused(capsys, "config", "quickstart") == (
+        "raykit: error: RAYKIT_STORAGE_RETRY: 'soon' is not a duration; use e.g. 2m, 90s or 10m")

@@ -104,7 +104,7 @@ def commit(output: str, manifest: dict, replacing: Committed | None = None) -> N
     lost = RunFailed(f"{path}: another job committed this output while this one ran; nothing of it was replaced "
                      "(its embeddings verify; rerun this job with new_run=true to replace them)")
     if storage.is_uri(output):
-        bucket, _, key = path[len("s3://"):].partition("/")
+        bucket, key = storage.bucket_key(path)
         condition = {"IfMatch": replacing.etag} if replacing else {"IfNoneMatch": "*"}
         try:
             storage.retrying(path, storage.s3_client().put_object, Bucket=bucket, Key=key, Body=body,
@@ -112,7 +112,7 @@ def commit(output: str, manifest: dict, replacing: Committed | None = None) -> N
             return
         except Exception as e:
             if _error_code(e) not in _CONFLICT:
-                raise RaykitError(f"{path}: cannot write ({storage.clean_error(e)})") from None
+                raise _final(e, path, "cannot write") from None
         now = _get(path)  # 412: someone's write landed since we looked; perhaps ours, its reply lost
         if now is not None and now[0] == body:
             log.info(f"{path}: the store's reply to the commit was lost; read back, it is this run's")
@@ -130,7 +130,7 @@ def commit(output: str, manifest: dict, replacing: Committed | None = None) -> N
 def check_store(output: str) -> None:
     """Refuse, before anything is written, an S3 store that ignores conditional writes: two jobs
     could then both commit, the second silently replacing the first. Probed once per bucket."""
-    bucket = output[len("s3://"):].partition("/")[0] if storage.is_uri(output) else ""
+    bucket = storage.bucket_key(output)[0] if storage.is_uri(output) else ""
     if bucket and bucket not in _honest:
         _probe(bucket, storage.join(output, f"_probe-{uuid.uuid4().hex}"))
         _honest.add(bucket)
@@ -141,9 +141,12 @@ _honest: set[str] = set()  # buckets probed in this process
 
 def _probe(bucket: str, path: str) -> None:
     client = storage.s3_client()
-    key = path[len("s3://"):].partition("/")[2]
+    key = storage.bucket_key(path)[1]
     endpoint = client.meta.endpoint_url
-    put = lambda **condition: storage.retrying(path, client.put_object, Bucket=bucket, Key=key, Body=b"probe", **condition)  # noqa: E731
+
+    def put(**condition):
+        storage.retrying(path, client.put_object, Bucket=bucket, Key=key, Body=b"probe", **condition)
+
     try:
         put(IfNoneMatch="*")
         for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"' + "0" * 32 + '"'}):
@@ -152,7 +155,7 @@ def _probe(bucket: str, path: str) -> None:
             except Exception as e:
                 if _error_code(e) in _CONFLICT:
                     continue
-                raise RaykitError(f"{path}: cannot write ({storage.clean_error(e)})") from None
+                raise _final(e, path, "cannot write") from None
             header = "If-None-Match" if "IfNoneMatch" in condition else "If-Match"
             raise RaykitError(f"{endpoint}: this S3 store ignores {header} on PUT, so two jobs writing one output "
                               "could both commit; use a store with conditional writes (AWS S3, MinIO, SeaweedFS)")
@@ -182,16 +185,22 @@ def _get(path: str) -> tuple[bytes, str] | None:
         except FileNotFoundError:
             return None
         return body, hashlib.sha256(body).hexdigest()
-    bucket, _, key = path[len("s3://"):].partition("/")
+    bucket, key = storage.bucket_key(path)
     try:
         reply = storage.retrying(path, storage.s3_client().get_object, Bucket=bucket, Key=key)
         return storage.retrying(path, reply["Body"].read), reply["ETag"]
     except Exception as e:
         if _error_code(e) in ("NoSuchKey", "404"):
             return None
-        if isinstance(e, (RaykitError, RunFailed)):
-            raise
-        raise RaykitError(f"{path}: cannot read ({storage.clean_error(e)}); check the path and your AWS credentials") from None
+        raise _final(e, path, "cannot read") from None
+
+
+def _final(e: Exception, path: str, what: str) -> Exception:
+    """What a failed S3 call raises: our own error as it is (StorageUnavailable: exit 1, resumable),
+    anything else as one line of bad input (access denied, no such bucket)."""
+    if isinstance(e, (RaykitError, RunFailed)):
+        return e
+    return RaykitError(f"{path}: {what} ({storage.clean_error(e)}); check the path and your AWS credentials")
 
 
 def _error_code(e: Exception) -> str:
