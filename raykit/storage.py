@@ -148,15 +148,28 @@ def _s3(bucket: str, attempts: int, endpoint: str | None, region: str | None) ->
             region = retrying(f"s3://{bucket}", pafs.resolve_s3_region, bucket)
         except OSError as e:
             raise RaykitError(f"s3://{bucket}: cannot find the bucket's region ({clean_error(e)}); set AWS_REGION") from None
-    return pafs.S3FileSystem(
-        region=region or "us-east-1",
-        endpoint_override=endpoint,
-        # 1 attempt: `retrying` retries our own calls (and logs it); Ray Train's client gets enough
-        # attempts to last RAYKIT_STORAGE_RETRY (ray_storage).
-        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts),
-        connect_timeout=5,
-        request_timeout=10,  # seconds without a byte moving: a stalled store, not a slow upload
-    )
+    return _S3(attempts, endpoint, region or "us-east-1")
+
+
+class _S3(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with our retries and timeouts, kept when pickled: pyarrow's own
+    pickling drops the retry strategy, and Ray ships Train's filesystem to its controller and workers
+    (which would upload with the SDK's 3 attempts)."""
+
+    def __init__(self, attempts: int, endpoint: str | None, region: str):
+        super().__init__(
+            region=region,
+            endpoint_override=endpoint,
+            # 1 attempt: `retrying` retries our own calls (and logs it); Ray Train's client gets enough
+            # attempts to last RAYKIT_STORAGE_RETRY (ray_storage).
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts),
+            connect_timeout=5,
+            request_timeout=10,  # seconds without a byte moving: a stalled store, not a slow upload
+        )
+        self._args = (attempts, endpoint, region)
+
+    def __reduce__(self):
+        return _S3, self._args
 
 
 def transient(e: BaseException) -> bool:

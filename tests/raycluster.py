@@ -91,7 +91,7 @@ class Cluster:
         with urllib.request.urlopen(request, timeout=30) as reply:
             return json.loads(reply.read())
 
-    def wait_idle(self, timeout: float = 120) -> None:
+    def wait_idle(self, timeout: float = 300) -> None:
         """Until every worker CPU is free again: the previous job's actors release theirs asynchronously."""
         code = "result = [ray.available_resources().get('CPU', 0), ray.cluster_resources().get('CPU', 0)]"
         deadline = time.time() + timeout
@@ -100,7 +100,7 @@ class Cluster:
             if free == total:
                 return
             time.sleep(1)
-        raise RuntimeError(f"the cluster's CPUs were not all free after {timeout:.0f}s")
+        raise RuntimeError(f"the cluster's CPUs were not all free after {timeout:.0f}s ({free} of {total} free)")
 
     def replace_node(self, ip: str) -> None:
         """Lose the worker node at `ip` as a cloud loses a VM (SIGKILL to its raylet, its Ray processes
@@ -154,6 +154,10 @@ def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, s
     }
     env.pop("RAY_ADDRESS", None)
     cluster = Cluster(root, env, token, gcs_port=free_port(), dashboard_port=free_port())
+    # Every process of this cluster finds its own State API: the tests' session Ray runs on this
+    # machine too, and Ray Train's placement-group cleaner, scanning for "the" Ray, would find both
+    # and die, leaving a finished trial's CPUs held (raykit.cluster.own_state_api, for a local Ray).
+    env["RAY_API_SERVER_ADDRESS"] = cluster.address
     try:
         _start_node(cluster, HEAD_IP, head=True, cpus=0)
         _wait_for_dashboard(cluster)

@@ -205,11 +205,10 @@ def test_training_outlasts_a_20s_freeze_and_a_restart_during_checkpoint_uploads(
     uninterrupted run's batches."""
     client = s3_server.client
     bucket = s3_server()
-    before = keys(client, bucket, "run/checkpoints/")
 
-    def first_checkpoint_then_fault():
+    def first_checkpoint_then_fault():  # a checkpoint, not Ray Train's storage marker
         deadline = time.time() + 180
-        while time.time() < deadline and keys(client, bucket, "run/checkpoints/") == before:
+        while time.time() < deadline and not keys(client, bucket, "run/checkpoints/checkpoint_"):
             time.sleep(0.05)
         outage()
 
@@ -248,3 +247,21 @@ def test_a_store_that_stays_away_ends_the_commit_as_a_run_failure_and_a_bad_budg
     monkeypatch.setenv("RAYKIT_STORAGE_RETRY", "soon")
     assert refused(capsys, "config", "quickstart") == (
         "raykit: error: RAYKIT_STORAGE_RETRY: 'soon' is not a duration; use e.g. 2m, 90s or 10m")
+
+
+def test_ray_trains_s3_client_keeps_its_patience_when_ray_ships_it(monkeypatch):
+    """Ray pickles RunConfig.storage_filesystem to the Train controller and workers; pyarrow's own
+    pickling drops the retry strategy. Against a port where nothing listens, the shipped client must
+    still back off for the budget (1 s here), where the SDK's default gives up in 0.15 s."""
+    import pickle
+
+    from raykit import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{seaweed.free_port_pair()}")
+    monkeypatch.setenv("RAYKIT_STORAGE_RETRY", "1s")
+    path, filesystem = storage.ray_storage("s3://nowhere/run")
+    shipped = pickle.loads(pickle.dumps(filesystem))
+    started = time.monotonic()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        shipped.get_file_info(path)
+    assert time.monotonic() - started >= 1.0
