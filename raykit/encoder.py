@@ -21,24 +21,37 @@ from raykit.config import ModelConfig
 from raykit.errors import RaykitError
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, key: str = "model.name") -> str:
     """A local directory for `pkg:PACKAGE/SUBDIR` (weights shipped in a Python package) or an s3://
-    folder (fetched once per node, e.g. a raykit run's model/ on a cluster); else `name`."""
+    folder (fetched once per node, e.g. a raykit run's model/ on a cluster); else `name`. `key`: the
+    job key that named it, for the error."""
     if storage.is_uri(name):
         return storage.local_copy(name)
     if not name.startswith("pkg:"):
         # A path (not a hub id like org/name) that is not there: say so, not the hub's "Repo id" rule.
         if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-            raise RaykitError(f"model.name: {name}: no such folder; point it at a model folder, a pkg: path or a hub id")
+            raise RaykitError(f"{key}: {name}: no such folder; point it at a model folder, a pkg: path or a hub id")
         return name
     package, _, sub = name[len("pkg:"):].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RaykitError(f"model.name: {name}: Python package '{package}' is not installed; pip install {package.replace('_', '-')}")
+        raise RaykitError(f"{key}: {name}: Python package '{package}' is not installed; pip install {package.replace('_', '-')}")
     path = Path(list(spec.submodule_search_locations)[0], sub)
     if not path.is_dir():
-        raise RaykitError(f"model.name: {name}: no folder '{sub}' inside package '{package}'")
+        raise RaykitError(f"{key}: {name}: no folder '{sub}' inside package '{package}'")
     return str(path)
+
+
+def model_config(name: str, key: str = "model.name"):
+    """A model's Hugging Face config, read without its weights: a job is checked against it on the
+    driver before anything is written. One line naming `key` when it cannot be read."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name, key)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RaykitError(f"{key}: cannot load '{name}' ({str(e).splitlines()[0]})") from None
 
 
 def position_limit(config) -> int:
@@ -47,6 +60,14 @@ def position_limit(config) -> int:
     if config.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet"):  # positions start after the padding index
         limit -= (getattr(config, "pad_token_id", 1) or 1) + 1
     return max(limit, 0) if config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2") else 0
+
+
+def check_length(config, length: int, name: str, key: str = "max_seq_length") -> int:
+    """The model's position limit (0: none); a `length` asked for past it is refused in one line naming `key`."""
+    limit = position_limit(config)
+    if limit and length > limit:
+        raise RaykitError(f"{key}: {length} is past the {limit} positions {name} has; use {limit} or less")
+    return limit
 
 
 class Encoder(nn.Module):
@@ -75,9 +96,8 @@ class Encoder(nn.Module):
         except (OSError, ValueError) as e:
             hint = "a local folder, a pkg: path, or a hub id reachable from this machine"
             raise RaykitError(f"model.name: cannot load '{cfg.name}' ({str(e).splitlines()[0]}); use {hint}") from None
-        limit = position_limit(model.config)
-        if limit and max_seq_length > limit:  # asked for by name: refused; a default longer than the model: its limit
-            raise RaykitError(f"max_seq_length: {max_seq_length} is past the {limit} positions {cfg.name} has; use {limit} or less")
+        # asked for by name: refused past the limit; a default longer than the model: the limit
+        limit = check_length(model.config, max_seq_length, cfg.name)
         if getattr(model, "pooler", None) is not None:
             # BERT-style poolers feed next-sentence prediction, not our pooling of hidden states: an
             # unused parameter that DDP and ZeRO would wait forever for. Frozen, and saved unchanged.

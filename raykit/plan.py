@@ -202,7 +202,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> Plan:
-    if args.gpu_mem < 0 or args.pairs <= 0 or args.gpus < 0 or args.batch <= 0 or args.seq_len <= 0:
+    if not math.isfinite(args.gpu_mem) or args.gpu_mem < 0 or args.pairs <= 0 or args.gpus < 0 or args.batch <= 0 or args.seq_len <= 0:
         raise RaykitError("plan: --gpu-mem, --gpus must be 0 or more; --pairs, --batch, --seq-len above 0")
     try:
         dims = tuple(int(d) for d in args.dims.split(",") if d.strip())

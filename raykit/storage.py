@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -180,6 +181,18 @@ def transient(e: BaseException) -> bool:
                             "ConnectTimeoutError", "ConnectionError"):  # botocore's, named to not import it here
         return True
     return isinstance(e, Exception) and any(marker in str(e) for marker in _TRANSIENT)
+
+
+def outage(e: BaseException) -> str | None:
+    """The storage error that ended a remote run (`e` from Ray Train or Ray Data, whose text holds
+    the controller's or worker's error), in one line; None when storage was not the cause."""
+    for line in str(e).splitlines():
+        ours = re.search(r"storage did not answer for \S+ \((.*)\); what was written is kept", line)
+        if ours:  # a worker's StorageUnavailable: the error inside it
+            return ours.group(1)
+        if any(marker in line for marker in _TRANSIENT):
+            return clean_error(Exception(line.strip().split("; Details:")[0]))
+    return None
 
 
 def retrying(what: str, fn, *args, **kwargs):

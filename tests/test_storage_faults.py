@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import seaweed
-from helpers import QUICKSTART, REPO, TRAIN_JOB, check_outputs, refused, train_overrides
+from helpers import QUICKSTART, REPO, TRAIN_JOB, check_outputs, refused, train_overrides, uninterrupted_batches_sha256
 from s3proxy import S3Proxy
 
 from raykit.cli import main
@@ -233,6 +233,46 @@ def test_training_outlasts_a_20s_freeze_and_a_restart_during_checkpoint_uploads(
     summary = check_outputs(local)
     assert summary["steps"] == 6 and summary["resumed_from"] == []
     assert Path(local / "adapter").is_dir()
+
+
+def test_training_past_the_storage_budget_ends_in_one_line_and_the_rerun_resumes_exactly(
+        ray_cluster, s3_server, tiny_model, monkeypatch, capsys):
+    """The store goes away (killed) as step 2's checkpoint reaches it, and stays away past the budget
+    (RAYKIT_STORAGE_RETRY=3s, forwarded to the workers): the run ends in one line, exit 1, naming the
+    outage and the rerun. With the store back, the same command resumes from a kept checkpoint and
+    trains on exactly the uninterrupted run's batches."""
+    client = s3_server.client
+    bucket = s3_server()
+    monkeypatch.setenv("RAYKIT_STORAGE_RETRY", "3s")
+
+    def kill_after_step_2():
+        deadline = time.time() + 180
+        while time.time() < deadline and not keys(client, bucket, "run/checkpoints/checkpoint_00000002"):
+            time.sleep(0.05)
+        s3_server.server.kill()
+        s3_server.server.wait()
+
+    fault = threading.Thread(target=kill_after_step_2, daemon=True)
+    fault.start()
+    # run.max_failures=0: each restart of the worker group would meet the same outage and wait out the
+    # budget again before the line (README: Storage faults)
+    args = train_overrides(tiny_model, f"s3://{bucket}/run", "lora.rank=4", "train.checkpoint_every=1", "train.max_steps=6",
+                           "run.max_failures=0")
+    capsys.readouterr()
+    try:
+        assert main(["train", TRAIN_JOB, *args]) == 1
+    finally:
+        fault.join()
+        s3_server.server = seaweed.restart(s3_server.server)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("raykit: failed: training stopped: storage did not answer"), last
+    assert last.endswith("rerun the same command to resume from the latest (set RAYKIT_STORAGE_RETRY to wait longer)"), last
+
+    monkeypatch.delenv("RAYKIT_STORAGE_RETRY")
+    assert main(["train", TRAIN_JOB, *args]) == 0
+    summary = json.loads(client.get_object(Bucket=bucket, Key="run/run.json")["Body"].read())
+    assert summary["steps"] == 6 and len(summary["resumed_from"]) == 1
+    assert summary["batches_sha256"] == uninterrupted_batches_sha256(summary)
 
 
 def test_a_store_that_stays_away_ends_the_commit_as_a_run_failure_and_a_bad_budget_is_bad_input(monkeypatch, capsys):

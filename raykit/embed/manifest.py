@@ -30,6 +30,7 @@ import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -86,6 +87,11 @@ def read_manifest(output: str) -> dict | None:
 
 
 def require_manifest(output: str) -> dict:
+    """The committed manifest of what `raykit embed` wrote to `output`, or one line saying why there is none."""
+    if storage.is_uri(output):
+        storage.bucket_key(output)  # s3:// with no bucket: one line
+    elif Path(storage.resolve(output)).is_file():
+        raise RaykitError(f"{output} is a file; give the folder `raykit embed` wrote (the one holding {MANIFEST})")
     manifest = read_manifest(output)
     if manifest is None:
         raise RaykitError(

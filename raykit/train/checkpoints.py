@@ -78,6 +78,23 @@ def resume(trainee, checkpoint, rank: int) -> tuple[dict, str] | None:
     return None
 
 
+def latest_kept(folder: str):
+    """The newest checkpoint in `folder` (the run's storage_path/name), for when Ray Train hands none:
+    its record of the run's checkpoints (a snapshot its controller writes after registering each) may
+    not have reached storage before the run died, as when the store went away. Sound or not is
+    `resume`'s to check. None when there is none."""
+    import pyarrow.fs
+    import ray.train
+
+    from raykit import storage
+
+    path, fs = storage.ray_storage(folder)
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    found = [f.base_name for f in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+             if f.type == pyarrow.fs.FileType.Directory and f.base_name.startswith("checkpoint_")]
+    return ray.train.Checkpoint(path=f"{path}/{max(found)}", filesystem=fs) if found else None
+
+
 def _seal(folder: str, rank: int) -> None:
     files = {str(f.relative_to(folder)): [f.stat().st_size, _sha256(f)] for f in sorted(Path(folder).rglob("*")) if f.is_file()}
     Path(folder, f"files_{rank}.json").write_text(json.dumps(files))

@@ -20,8 +20,8 @@ from raykit import identity, storage
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
 from raykit.data import load_beir, load_training_set, load_validation_set
-from raykit.encoder import position_limit, resolve_model
-from raykit.errors import RaykitError, RunFailed
+from raykit.encoder import check_length, model_config
+from raykit.errors import RaykitError, RunFailed, StorageUnavailable
 from raykit.train import report, tracking
 from raykit.train.card import model_card
 from raykit.train.checkpoints import STATE_FILE
@@ -64,16 +64,22 @@ def run(job: JobConfig, callbacks=()) -> dict:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         log.error(str(e))  # the workers' tracebacks: the detail the one-line summary can't hold
-        where = storage.join(output_dir, "checkpoints")
-        raise RunFailed(
-            f"training stopped ({str(e).strip().splitlines()[0]}); the traceback is above. "
-            f"Checkpoints are in {where}: rerun the same command to resume from the latest."
-        ) from None
+        raise _stopped(e, storage.join(output_dir, "checkpoints")) from None
     summary = _write_outputs(result.checkpoint, job, inputs, output_dir, started)
     for block in report.text(summary["eval"], job.eval):
         log.info(block)
     log.info(f"model: {summary['model']}  ({summary['seconds']}s)")
     return summary
+
+
+def _stopped(e: Exception, checkpoints: str) -> RunFailed:
+    """The one line for a run Ray Train gave up on. Storage that stayed away past RAYKIT_STORAGE_RETRY
+    (a checkpoint upload, the controller's own records) is named as such: the rerun will resume."""
+    resume = f"checkpoints are in {checkpoints}: rerun the same command to resume from the latest"
+    if cause := storage.outage(e):
+        return StorageUnavailable(f"training stopped: storage did not answer ({cause}); {resume} "
+                                  f"(set {storage.RETRY_ENV} to wait longer)")
+    return RunFailed(f"training stopped ({str(e).strip().splitlines()[0]}); the traceback is above. {resume[0].upper()}{resume[1:]}.")
 
 
 def _another_job(output_dir: str, job: JobConfig) -> list[str]:
@@ -142,6 +148,10 @@ def check(job: JobConfig) -> None:
         from raykit.train import mine
 
         mine.check(job)
+    if job.loss.distill and job.teacher.model:
+        from raykit.train import score
+
+        score.check(job)
 
 
 def prepare(job: JobConfig, checked: bool = False, claim=lambda: None) -> tuple[JobConfig, dict]:
@@ -194,7 +204,8 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
 
     # The pairs go to the workers through the object store, not as a Ray Data dataset: the loop owns
     # their order, so that a resumed run continues exactly (raykit/train/batches.py).
-    loop_config = {"job": job, "log_level": raykit.log.level(), **inputs, "table": ray.put(inputs["table"])}
+    loop_config = {"job": job, "log_level": raykit.log.level(), **inputs, "table": ray.put(inputs["table"]),
+                   "checkpoints": storage.join(storage_path, name)}
     path, filesystem = storage.ray_storage(storage_path)  # an S3 client that outlasts an outage
     return TorchTrainer(
         train_fn_per_worker,
@@ -235,25 +246,18 @@ def prepare_data(job: JobConfig, score: bool = True) -> JobConfig:
 
 def check_model(job: JobConfig) -> None:
     """Load the model's config (not its weights) to check the job against it."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    path = resolve_model(job.model.name)
-    try:
-        model_config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise RaykitError(f"model.name: cannot load '{job.model.name}' ({str(e).splitlines()[0]})") from None
-    limit = position_limit(model_config)
-    if limit and job.model.max_seq_length > limit:
-        raise RaykitError(f"model.max_seq_length: {job.model.max_seq_length} is past the {limit} positions "
-                          f"{job.model.name} has; use {limit} or less")
+    config = model_config(job.model.name)
+    check_length(config, job.model.max_seq_length, job.model.name, "model.max_seq_length")
     for key, dims in (("eval.dims", job.eval.dims), ("loss.matryoshka_dims", job.loss.matryoshka_dims)):
-        if dims and dims[-1] > model_config.hidden_size:
-            raise RaykitError(f"{key}: {dims[-1]} is larger than the model's {model_config.hidden_size} dimensions")
+        if dims and dims[-1] > config.hidden_size:
+            raise RaykitError(f"{key}: {dims[-1]} is larger than the model's {config.hidden_size} dimensions")
     if job.train.strategy == "lora":
         from raykit.strategies.lora import check_target_modules
 
         with torch.device("meta"):  # module names without allocating weights
-            check_target_modules(AutoModel.from_config(model_config), job.lora.target_modules)
+            check_target_modules(AutoModel.from_config(config), job.lora.target_modules)
 
 
 def schedule_length(num_rows: int, world: int, job: JobConfig) -> tuple[int, int]:

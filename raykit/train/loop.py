@@ -50,7 +50,8 @@ def train_fn_per_worker(config: dict) -> None:
     trainee = build_trainee(encoder, job, total_steps, device, use_bf16(job.train.precision, device))
 
     # Resume: the latest sound checkpoint of this output_dir, after a rerun or a worker-group restart.
-    state, digest = _resume(trainee, ray.train.get_checkpoint(), rank, total_steps, log)
+    checkpoint = ray.train.get_checkpoint() or checkpoints.latest_kept(config["checkpoints"])
+    state, digest = _resume(trainee, checkpoint, rank, total_steps, log)
     run_log = RunLog(job, state, rank)  # metrics.jsonl and the trackers, as training goes
 
     def run_eval(beir: Beir) -> dict:

@@ -24,7 +24,7 @@ from raykit.cluster import require_shared_storage
 from raykit.config import EmbedJob, JobConfig
 from raykit.data import is_beir, load_beir, write_pair_file
 from raykit.embed import pipeline, search
-from raykit.encoder import Encoder
+from raykit.encoder import Encoder, check_length, model_config
 from raykit.errors import RaykitError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def run(job: JobConfig) -> str:
         return out
     started = time.time()
     check(job)
+    config = model_config(model, "mine.model" if cfg.model else "model.name")
+    check_length(config, job.model.max_seq_length, model, "model.max_seq_length")
     beir = load_beir(source, job.data.split)
     identity.record(out + ".job.json", settings)  # before the triplets: they mark the mining complete
     pairs = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]

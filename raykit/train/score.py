@@ -20,8 +20,8 @@ import numpy as np
 from raykit import identity, storage
 from raykit.cluster import actor_count, connect_ray, quiet_ray_data, require_shared_storage, worker_error
 from raykit.config import JobConfig
-from raykit.data import read_pair_file, write_pair_file
-from raykit.encoder import Encoder, resolve_model
+from raykit.data import is_beir, read_pair_file, write_pair_file
+from raykit.encoder import Encoder, model_config, resolve_model
 from raykit.errors import RaykitError
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 
 def scored_path(job: JobConfig) -> str:
     return job.teacher.output or storage.join(storage.resolve(job.output_dir), "scored", "triplets.jsonl")
+
+
+def check(job: JobConfig) -> None:
+    """The teacher, read without its weights, before anything is written: a cross-encoder needs one output."""
+    cfg = job.teacher
+    if not cfg.model:
+        raise RaykitError(f"loss.name={job.loss.name}: the data has no teacher scores; set teacher.model (a cross-encoder)")
+    config = model_config(cfg.model, "teacher.model")
+    if cfg.kind == "cross_encoder" and config.num_labels != 1:
+        raise RaykitError(f"teacher.model: {cfg.model} has {config.num_labels} outputs; a cross-encoder teacher "
+                          "needs 1 (a relevance logit), or set teacher.kind=bi_encoder for an embedding model")
 
 
 def run(job: JobConfig, triplets: str) -> str:
@@ -44,8 +55,10 @@ def run(job: JobConfig, triplets: str) -> str:
     if identity.reusable(out, settings, "scored triplets", "teacher.output"):
         log.info(f"score: {out} exists; reusing it (delete it to score again)")
         return out
-    if not cfg.model:
-        raise RaykitError(f"loss.name={job.loss.name}: the data has no teacher scores; set teacher.model (a cross-encoder)")
+    check(job)
+    if is_beir(triplets):
+        raise RaykitError(f"data.train: {triplets} is a BEIR folder: its pairs have no negatives to score; "
+                          "mine them first (mine.enabled=true) or point data.train at triplets")
     files = storage.list_files(triplets, (".jsonl", ".parquet")) if storage.is_dir(triplets) else [triplets]
     rows = [row for f in files for row, _ in read_pair_file(f)]
     if not any(r["negatives"] for r in rows):

