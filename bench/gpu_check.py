@@ -92,11 +92,11 @@ def main():
         trainee, loss, step_s = train(job, table, device, bf16=cuda)
         peak = torch.cuda.max_memory_allocated() / 2**20
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            trained = trainee.encoder.encode(probe, 32, device, trainee.module)
+            trained = trainee.encoder.encode(probe, 32, device, trainee.module, role="document")
         with tempfile.TemporaryDirectory() as tmp:
             trainee.export(os.path.join(tmp, "model"), rank=0)
             reloaded = Encoder.load(dataclasses.replace(job.model, name=os.path.join(tmp, "model"))).to(device)
-            again = reloaded.encode(probe, 32, device)
+            again = reloaded.encode(probe, 32, device, role="document")
             saved = safetensors.torch.load_file(os.path.join(tmp, "model", "model.safetensors"))
             dtype = str(next(iter(saved.values())).dtype)
         cos = F.cosine_similarity(trained, again).min().item()
@@ -112,10 +112,10 @@ def main():
     docs = list(test.corpus.values())
     for name, ctx in (("fp32", torch.autocast("cuda", enabled=False)), ("bf16", torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda))):
         with ctx:
-            encoder.encode(docs[:512], 256, device)
+            encoder.encode(docs[:512], 256, device, role="document")
             torch.cuda.synchronize()
             t = time.perf_counter()
-            encoder.encode(docs, 256, device)
+            encoder.encode(docs, 256, device, role="document")
             torch.cuda.synchronize()
         report["throughput"][name] = len(docs) / (time.perf_counter() - t)
     print(report["throughput"], flush=True)

@@ -15,6 +15,19 @@ from raykit.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class Prompts:
+    """Text put before each input, as the model was trained to see it (sentence-transformers' prompt
+    names). E5: query "query: ", document "passage: "; BGE: query "Represent this sentence for
+    searching relevant passages: ". Unset: the prompts the model's folder stores, else none."""
+
+    query: str = ""
+    document: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: text for name, text in (("query", self.query), ("document", self.document)) if text}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # A hub id ("sentence-transformers/all-MiniLM-L6-v2"), a local directory, or "pkg:PACKAGE/SUBDIR"
     # for weights shipped inside an installed Python package (how the quickstart runs offline).
@@ -22,6 +35,7 @@ class ModelConfig:
     pooling: str = "mean"  # mean | cls: use what the base model was trained with
     normalize: bool = True  # L2-normalize, so dot product = cosine
     max_seq_length: int = 256  # longer = more context, quadratic attention cost
+    prompts: Prompts = field(default_factory=Prompts)  # `raykit plan` suggests them for the families it knows
 
     def __post_init__(self):
         _choice("model.pooling", self.pooling, ("mean", "cls"))
@@ -340,6 +354,9 @@ class EmbedJob:
     output: str = ""  # s3://bucket/prefix or a local folder: part-*.parquet + manifest.json
     max_seq_length: int = 0  # 0 = the model's own (sentence_bert_config.json), else this
     new_run: bool = False  # replace a committed output made by another model or corpus
+    # the model's prompts, if its folder stores none (a base E5 from the hub); the document prompt
+    # embeds the corpus, and `raykit search` puts the query prompt before queries (the manifest keeps both)
+    prompts: Prompts = field(default_factory=Prompts)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def __post_init__(self):

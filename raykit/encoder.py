@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raykit import storage
-from raykit.config import ModelConfig
+from raykit.config import ModelConfig, Prompts
 from raykit.errors import RaykitError
 
 
@@ -73,10 +73,12 @@ def check_length(config, length: int, name: str, key: str = "max_seq_length") ->
 class Encoder(nn.Module):
     """Text -> L2-normalized embedding. `forward` takes token ids, `encode` takes strings."""
 
-    def __init__(self, model: nn.Module, tokenizer, pooling: str, normalize: bool, max_seq_length: int):
+    def __init__(self, model: nn.Module, tokenizer, pooling: str, normalize: bool, max_seq_length: int,
+                 prompts: dict[str, str] | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.prompts = {role: text for role, text in (prompts or {}).items() if text}  # {"query": ..., "document": ...}
         self.pooling = pooling
         self.normalize = normalize
         self.max_seq_length = max_seq_length
@@ -102,32 +104,39 @@ class Encoder(nn.Module):
             # BERT-style poolers feed next-sentence prediction, not our pooling of hidden states: an
             # unused parameter that DDP and ZeRO would wait forever for. Frozen, and saved unchanged.
             model.pooler.requires_grad_(False)
-        return cls(model, tokenizer, cfg.pooling, cfg.normalize, min(cfg.max_seq_length, limit or cfg.max_seq_length))
+        # the job's prompts, else those the model's folder stores (a raykit or sentence-transformers save)
+        prompts = cfg.prompts.as_dict() or stored_settings(cfg.name).get("prompts", {})
+        return cls(model, tokenizer, cfg.pooling, cfg.normalize, min(cfg.max_seq_length, limit or cfg.max_seq_length), prompts)
 
     @classmethod
-    def from_pretrained(cls, name: str, max_seq_length: int = 0) -> "Encoder":
-        """Load a saved model with the pooling, normalization and max length its folder declares.
+    def from_pretrained(cls, name: str, max_seq_length: int = 0, prompts: dict[str, str] | None = None) -> "Encoder":
+        """Load a saved model with the pooling, normalization, max length and prompts its folder
+        declares; `prompts` for a model whose folder stores none.
 
         Reads the sentence-transformers files (modules.json, 1_Pooling/config.json,
         sentence_bert_config.json) that raykit and sentence-transformers write; a plain Hugging Face
         model without them gets ModelConfig's defaults (mean pooling, normalized, 256 tokens).
         """
-        settings = _st_settings(name)
+        settings = stored_settings(name)
         if max_seq_length:
             settings["max_seq_length"] = max_seq_length
+        settings["prompts"] = Prompts(**(settings.get("prompts") or prompts or {}))
         try:
             return cls.load(ModelConfig(name=name, **settings), max_seq_length)
         except RaykitError as e:  # outside a train job the model is not at key model.name
             raise RaykitError(str(e).replace("model.name: ", "model: ", 1)) from None
 
     def fingerprint(self) -> str:
-        """The identity of what this encoder computes: weights, tokenizer, pooling, normalization, max length.
+        """The identity of what this encoder computes: weights, tokenizer, pooling, normalization, max
+        length, prompts.
 
         Two encoders with the same fingerprint embed every text identically, so stored document
         embeddings may be searched with queries from either; anything else is a serving mismatch.
         """
         h = hashlib.sha256()
         settings = {"pooling": self.pooling, "normalize": self.normalize, "max_seq_length": self.max_seq_length}
+        if self.prompts:  # only then: a model without prompts keeps the fingerprint it always had
+            settings["prompts"] = self.prompts
         h.update(json.dumps(settings, sort_keys=True).encode())
         vocab = self.tokenizer.backend_tokenizer.to_str() if self.tokenizer.is_fast else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
         h.update(hashlib.sha256(vocab.encode()).digest())
@@ -141,9 +150,14 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return self.model.config.hidden_size
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def prompted(self, texts, role: str) -> list[str]:
+        """`texts` as the model sees them in `role` ("query" or "document"): after that role's prompt."""
+        prompt = self.prompts.get(role, "")
+        return [prompt + t for t in texts] if prompt else list(texts)
+
+    def tokenize(self, texts: list[str], *, role: str) -> dict[str, torch.Tensor]:
         return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
+            self.prompted(texts, role), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
         )
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
@@ -157,8 +171,9 @@ class Encoder(nn.Module):
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64, device=None, module: nn.Module | None = None) -> torch.Tensor:
-        """Embeddings (N, H) float32 on CPU, in input order.
+    def encode(self, texts: list[str], batch_size: int = 64, device=None, module: nn.Module | None = None, *,
+               role: str) -> torch.Tensor:
+        """Embeddings (N, H) float32 on CPU, in input order, of `texts` as queries or documents (`role`).
 
         Texts go through in length order so each batch pads to similar lengths. `module` lets a
         wrapper (DDP, DeepSpeed) run the forward; it defaults to this encoder.
@@ -169,7 +184,7 @@ class Encoder(nn.Module):
         out = torch.empty(len(texts), self.dim)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx]).items()}
+            batch = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], role=role).items()}
             out[idx] = module(**batch).float().cpu()
         return out
 
@@ -205,10 +220,12 @@ class Encoder(nn.Module):
                 "pooling_mode_mean_sqrt_len_tokens": False,
             },
         )
-        _write_json(path / "config_sentence_transformers.json", {"similarity_fn_name": "cosine" if self.normalize else "dot"})
+        # sentence-transformers' encode_query/encode_document put these prompts before the text, as raykit does
+        _write_json(path / "config_sentence_transformers.json", {
+            "similarity_fn_name": "cosine" if self.normalize else "dot", "prompts": self.prompts, "default_prompt_name": None})
 
 
-def _st_settings(name: str) -> dict:
+def stored_settings(name: str) -> dict:
     """pooling / normalize / max_seq_length from a sentence-transformers folder (or hub repo), if it has them."""
     local = resolve_model(name)
 
@@ -228,18 +245,41 @@ def _st_settings(name: str) -> dict:
     settings = {}
     modules = read("modules.json")
     if modules is not None:
-        types = [m.get("type", "") for m in modules]
-        settings["normalize"] = any(t.endswith("Normalize") for t in types)
-        pooling_dir = next((m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")), "1_Pooling")
-        pooling = read(f"{pooling_dir}/config.json") or {}
-        if pooling.get("pooling_mode_cls_token"):
-            settings["pooling"] = "cls"
-        elif pooling and not pooling.get("pooling_mode_mean_tokens"):
-            raise RaykitError(f"{name}: pooling mode {pooling} is not supported; raykit pools by mean or CLS token")
-    st = read("sentence_bert_config.json") or {}
-    if st.get("max_seq_length"):
-        settings["max_seq_length"] = int(st["max_seq_length"])
+        kinds = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+        unknown = [f"{kind} ({path})" for kind, path in kinds.items() if kind not in ("Transformer", "Pooling", "Normalize")]
+        if unknown:  # never dropped: embeddings without them are not the model's
+            raise RaykitError(f"{name}: sentence-transformers module {', '.join(unknown)} is not supported by raykit; "
+                              "use a model of Transformer, Pooling and Normalize modules")
+        settings["normalize"] = "Normalize" in kinds
+        pooling = read(f"{kinds.get('Pooling') or '1_Pooling'}/config.json") or {}
+        if pooling:
+            settings["pooling"] = _pooling(pooling, name)
+    length = (read("sentence_bert_config.json") or {}).get("max_seq_length")
+    if not length and modules is not None:  # sentence-transformers 6 keeps it as the tokenizer's model_max_length
+        length = (read("tokenizer_config.json") or {}).get("model_max_length")
+    if length and int(length) < 1_000_000:  # a tokenizer without a limit says 1e30
+        settings["max_seq_length"] = int(length)
+    stored = (read("config_sentence_transformers.json") or {}).get("prompts") or {}
+    # as sentence-transformers' encode_document: the first of these names the folder has, even if empty
+    document = next((stored[k] for k in ("document", "passage", "corpus") if k in stored), "")
+    if stored.get("query") or document:
+        settings["prompts"] = {"query": stored.get("query", ""), "document": document}
     return settings
+
+
+def _pooling(config: dict, name: str) -> str:
+    """mean or cls from a Pooling module's config: sentence-transformers 6's `pooling_mode`, or the
+    older one flag per mode. Anything else is refused, not pooled another way."""
+    mode = config.get("pooling_mode")
+    if mode is None:
+        flags = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+                 for k, on in config.items() if k.startswith("pooling_mode_") and on]
+        mode = flags[0] if len(flags) == 1 else "+".join(flags) or "none"
+    if config.get("include_prompt", True) is False:
+        raise RaykitError(f"{name}: its pooling leaves the prompt's tokens out (include_prompt: false); raykit pools every token")
+    if mode not in ("mean", "cls"):
+        raise RaykitError(f"{name}: pooling mode '{mode}' is not supported; raykit pools by mean or CLS token")
+    return mode
 
 
 def _write_json(path: Path, obj) -> None:

@@ -36,8 +36,8 @@ def evaluate(encoder, beir: Beir, dims=(), batch_size: int = 64, device=None, mo
     texts = [beir.corpus[d] for d in mine] + [""] * (per - len(mine))
     was_training = encoder.training
     encoder.eval()
-    docs = encoder.encode(texts, batch_size, device, module)[: len(mine)]  # (n_mine, H)
-    queries = encoder.encode([beir.queries[q] for q in query_ids], batch_size, device, module)  # (Q, H)
+    docs = encoder.encode(texts, batch_size, device, module, role="document")[: len(mine)]  # (n_mine, H)
+    queries = encoder.encode([beir.queries[q] for q in query_ids], batch_size, device, module, role="query")  # (Q, H)
     encoder.train(was_training)
 
     results = {}

@@ -52,8 +52,8 @@ def st_ndcg(model_dir: str, dim: int = 32) -> float:
 
     beir = load_beir(str(QUICKSTART), "test")
     st = SentenceTransformer(model_dir, device="cpu")
-    docs = F.normalize(torch.tensor(st.encode(list(beir.corpus.values())))[:, :dim], dim=-1)
-    queries = F.normalize(torch.tensor(st.encode(list(beir.queries.values())))[:, :dim], dim=-1)
+    docs = F.normalize(torch.tensor(st.encode_document(list(beir.corpus.values())))[:, :dim], dim=-1)
+    queries = F.normalize(torch.tensor(st.encode_query(list(beir.queries.values())))[:, :dim], dim=-1)
     top = (queries @ docs.T).topk(100, dim=1).indices
     ids = list(beir.corpus)
     ranked = {q: [ids[j] for j in top[i].tolist()] for i, q in enumerate(beir.queries)}

@@ -137,7 +137,7 @@ def test_zero3_training_spreads_over_both_nodes_survives_losing_one_and_writes_a
     local = storage.local_copy(f"{output}/model")
     text = ["the pump seal leaks", "restart the chiller"]
     st = SentenceTransformer(local, device="cpu").encode(text, convert_to_numpy=True)
-    np.testing.assert_allclose(st, Encoder.from_pretrained(local).encode(text).numpy(), atol=1e-5)
+    np.testing.assert_allclose(st, Encoder.from_pretrained(local).encode(text, role="document").numpy(), atol=1e-5)
 
     # The upload: the repository without history, environments or results.
     unpacked = Path(cluster.temp_dirs[0]).glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
@@ -179,7 +179,7 @@ def test_embed_runs_an_encoder_actor_on_each_node_and_commits_exact_embeddings(c
         assert hashlib.sha256(body).hexdigest() == shard["sha256"]
         table = pq.read_table(io.BytesIO(body))
         stored = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-        expected = encoder.encode([corpus[i] for i in table["id"].to_pylist()]).numpy()
+        expected = encoder.encode([corpus[i] for i in table["id"].to_pylist()], role="document").numpy()
         np.testing.assert_allclose(stored, expected, atol=1e-5)
 
 

@@ -96,18 +96,38 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
     assert after == before
 
 
-def test_matryoshka_dim_and_float16_match_the_model_truncated(ray_cluster, tiny_model, tmp_path):
-    committed = run(job(tiny_model, str(tmp_path / "out"), "embed.dim=16", "embed.dtype=float16"))
+E5 = {"query": "query: ", "document": "passage: "}
+
+
+def test_matryoshka_dim_float16_and_prompts_match_the_model_truncated(ray_cluster, tiny_model, tmp_path):
+    """E5's prompts for a model whose folder stores none: documents are embedded after the document
+    prompt, and `raykit search` puts the query prompt the manifest records before each query."""
+    out = str(tmp_path / "out")
+    committed = run(job(tiny_model, out, "embed.dim=16", "embed.dtype=float16", 'prompts.query="query: "',
+                        'prompts.document="passage: "'))
     assert committed["embedding"]["dim"] == 16 and committed["embedding"]["dtype"] == "float16"
+    assert committed["model"]["prompts"] == E5
     table = pq.read_table(tmp_path / "out" / committed["shards"][0]["path"])
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[16]"
     ids = table["id"].to_pylist()
     stored = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     beir = load_beir(str(QUICKSTART), "test")
-    expected = Encoder.from_pretrained(tiny_model, MAX_LEN).encode([beir.corpus[i] for i in ids])
+    encoder = Encoder.from_pretrained(tiny_model, MAX_LEN, E5)
+    expected = encoder.encode([beir.corpus[i] for i in ids], role="document")
     expected = F.normalize(expected[:, :16], dim=-1).numpy()
     np.testing.assert_allclose(stored, expected, atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=2e-3)
+
+    query = F.normalize(encoder.encode(["pump valve"], role="query")[:, :16], dim=-1).numpy()
+    hits, expected_hits = search.search(out, tiny_model, ["pump valve"], k=5)[0], search.top_k(out, committed, query, 5)[0]
+    assert [h for h, _ in hits] == [h for h, _ in expected_hits]
+    np.testing.assert_allclose([s for _, s in hits], [s for _, s in expected_hits], atol=1e-4)
+    plain = F.normalize(Encoder.from_pretrained(tiny_model, MAX_LEN).encode(["pump valve"], role="query")[:, :16], dim=-1)
+    assert not np.allclose(query, plain.numpy(), atol=1e-3)  # the prompt does change the query
+    # the same weights saved with other prompts are another model: refused, not searched
+    Encoder.from_pretrained(tiny_model, MAX_LEN, {"query": "q: "}).save(tmp_path / "other-prompts")
+    with pytest.raises(RaykitError, match="serving mismatch"):
+        search.search(out, str(tmp_path / "other-prompts"), ["pump valve"])
 
 
 def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, fp32_output, tmp_path, capsys):

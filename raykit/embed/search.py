@@ -23,7 +23,8 @@ from raykit.evaluate import K_MAX, score_rankings
 def load_query_encoder(output: str, model: str) -> tuple[Encoder, dict]:
     """The model as a query encoder for `output`, or an error naming both fingerprints."""
     committed = manifest.require_manifest(output)
-    encoder = Encoder.from_pretrained(model, committed["model"]["max_seq_length"])
+    # the prompts the documents were embedded with, for a model whose folder stores none (a base E5)
+    encoder = Encoder.from_pretrained(model, committed["model"]["max_seq_length"], committed["model"].get("prompts"))
     mine, theirs = encoder.fingerprint(), committed["model"]["fingerprint"]
     if mine != theirs:
         raise RaykitError(
@@ -33,9 +34,10 @@ def load_query_encoder(output: str, model: str) -> tuple[Encoder, dict]:
     return encoder, committed
 
 
-def encode_queries(encoder: Encoder, committed: dict, queries: list[str], batch_size: int = 64) -> np.ndarray:
-    """Query embeddings in the stored space: same prefix length, re-normalized like the documents."""
-    emb = encoder.encode(queries, batch_size)
+def encode_texts(encoder: Encoder, committed: dict, texts: list[str], role: str = "query", batch_size: int = 64) -> np.ndarray:
+    """Embeddings in the stored space (queries, or documents as `role`): same prefix length,
+    re-normalized like the documents."""
+    emb = encoder.encode(texts, batch_size, role=role)
     dim = committed["embedding"]["dim"]
     if dim < emb.shape[1]:
         emb = emb[:, :dim]
@@ -63,7 +65,7 @@ def top_k(output: str, committed: dict, queries: np.ndarray, k: int) -> list[lis
 
 def search(output: str, model: str, queries: list[str], k: int = 10) -> list[list[tuple[str, float]]]:
     encoder, committed = load_query_encoder(output, model)
-    return top_k(output, committed, encode_queries(encoder, committed, queries), k)
+    return top_k(output, committed, encode_texts(encoder, committed, queries), k)
 
 
 def evaluate_stored(output: str, model: str, beir: Beir) -> dict[str, float]:
@@ -73,5 +75,5 @@ def evaluate_stored(output: str, model: str, beir: Beir) -> dict[str, float]:
     if stored_rows != len(beir.corpus):
         raise RaykitError(f"{output} holds {stored_rows:,} documents, the BEIR corpus {len(beir.corpus):,}; embed that corpus first")
     qids = list(beir.queries)
-    results = top_k(output, committed, encode_queries(encoder, committed, [beir.queries[q] for q in qids]), K_MAX)
+    results = top_k(output, committed, encode_texts(encoder, committed, [beir.queries[q] for q in qids]), K_MAX)
     return score_rankings({q: [d for d, _ in r] for q, r in zip(qids, results)}, beir.qrels)

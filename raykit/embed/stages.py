@@ -20,28 +20,30 @@ from raykit.errors import RaykitError
 
 
 class TokenizeShards:
-    """Reads a shard's documents and tokenizes them (no padding: the encoder pads per batch)."""
+    """Reads a shard's documents and tokenizes them after the document prompt (no padding: the
+    encoder pads per batch)."""
 
-    def __init__(self, model: str, max_seq_length: int):
+    def __init__(self, model: str, max_seq_length: int, prompt: str = ""):
         from transformers import AutoTokenizer
 
         from raykit.encoder import resolve_model
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-        self.max_seq_length = max_seq_length
+        self.max_seq_length, self.prompt = max_seq_length, prompt
 
     def __call__(self, batch: dict) -> dict:
-        out = _read_and_tokenize({"shard": batch["shard"][0]}, self.tokenizer, self.max_seq_length)
+        out = _read_and_tokenize({"shard": batch["shard"][0]}, self.tokenizer, self.max_seq_length, self.prompt)
         return {k: [v] for k, v in out.items()}
 
 
-def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int) -> dict:
+def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int, prompt: str = "") -> dict:
     shard = corpus.Shard(**json.loads(row["shard"]))
     ids, texts = corpus.read(shard)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise RaykitError(f"{shard.path}: duplicate id '{dup}' in {shard.name}; ids must be unique")
-    encoded = tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"] if texts else []
+    prompted = [prompt + t for t in texts] if prompt else texts  # as Encoder.prompted: one rule, but no torch here
+    encoded = tokenizer(prompted, truncation=True, max_length=max_seq_length)["input_ids"] if texts else []
     lengths = np.array([len(t) for t in encoded], dtype=np.int64)
     tokens = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32, count=int(lengths.sum()))
     row = {
@@ -51,7 +53,7 @@ def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int) -> dict:
         "lengths": lengths.tobytes(),
         "content": corpus.content_hash(ids, texts),
     }
-    del texts, encoded
+    del texts, prompted, encoded
     _release_memory()
     return row
 
@@ -59,7 +61,7 @@ def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int) -> dict:
 class EncodeShards:
     """An encoder actor: loads the model once, checks it is the driver's, embeds one shard per call."""
 
-    def __init__(self, model, max_seq_length, fingerprint, dim, dtype, batch_size, batch_tokens, precision, threads):
+    def __init__(self, model, max_seq_length, prompts, fingerprint, dim, dtype, batch_size, batch_tokens, precision, threads):
         import torch
 
         from raykit.encoder import Encoder
@@ -68,7 +70,7 @@ class EncodeShards:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        encoder = Encoder.from_pretrained(model, max_seq_length)
+        encoder = Encoder.from_pretrained(model, max_seq_length, prompts)
         mine = encoder.fingerprint()
         if mine != fingerprint:  # e.g. a hub id that resolved to another revision on this node
             raise RaykitError(f"model: {model} loaded on this node as {manifest.short(mine)}, on the driver as {manifest.short(fingerprint)}; pin one revision or use a folder on shared storage")

@@ -49,7 +49,9 @@ def _usage(job: JobConfig, model_path: str) -> str:
     dims = job.loss.matryoshka_dims
     lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
              f'model = SentenceTransformer("{model_path}")',
-             'embeddings = model.encode(["a query", "a document"])']
+             "# queries and documents each get the prompt the model was trained with (config_sentence_transformers.json)",
+             'queries = model.encode_query(["a query"])',
+             'documents = model.encode_document(["a document"])']
     if dims:
         lines += ["", f"# trained for these prefixes too (Matryoshka): {', '.join(map(str, dims))}",
                   f'small = SentenceTransformer("{model_path}", truncate_dim={dims[0]})']

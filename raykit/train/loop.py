@@ -116,12 +116,12 @@ def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
     """Encode one batch of (query, positive, k negatives) rows and score it with the job's loss."""
     encoder = trainee.encoder
     k = negative_count(batch)
-    queries = trainee(_tokens(encoder, batch["query"], device))  # (B, H)
-    positives = trainee(_tokens(encoder, batch["positive"], device))  # (B, H)
+    queries = trainee(_tokens(encoder, batch["query"], "query", device))  # (B, H)
+    positives = trainee(_tokens(encoder, batch["positive"], "document", device))  # (B, H)
     negatives = negative_ids = None
     if k:  # all k*B negatives in one forward pass, then back to (B, k, H)
         texts = [t for j in range(k) for t in batch[f"negative_{j}"]]
-        negatives = trainee(_tokens(encoder, texts, device)).reshape(k, len(queries), -1).transpose(0, 1)
+        negatives = trainee(_tokens(encoder, texts, "document", device)).reshape(k, len(queries), -1).transpose(0, 1)
         negative_ids = torch.stack([torch.tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device)  # (B, k)
     query_ids = torch.tensor(batch["query_id"], device=device)
     positive_ids = torch.tensor(batch["positive_id"], device=device)
@@ -262,8 +262,8 @@ class _CheckpointCadence:
         return f" ({n} checkpoint(s): {seconds:.1f}s, {100 * seconds / elapsed:.1f}% of it)" if n and elapsed else ""
 
 
-def _tokens(encoder: Encoder, texts, device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in encoder.tokenize(list(texts)).items()}
+def _tokens(encoder: Encoder, texts, role: str, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in encoder.tokenize(list(texts), role=role).items()}
 
 
 def _sum_across_ranks(values: list, world: int) -> list[float]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from raykit import identity, storage
 from raykit.cluster import require_shared_storage
-from raykit.config import EmbedJob, JobConfig
+from raykit.config import EmbedJob, JobConfig, Prompts
 from raykit.data import is_beir, load_beir, write_pair_file
 from raykit.embed import pipeline, search
 from raykit.encoder import Encoder, check_length, model_config
@@ -54,7 +54,8 @@ def run(job: JobConfig) -> str:
     model = cfg.model or job.model.name
     source = storage.resolve(job.data.train) if job.data.train else ""
     settings = identity.of({"data": {"train": source, "split": job.data.split}, "model": model,
-                            "max_seq_length": job.model.max_seq_length, "seed": job.train.seed, "mine": job.to_dict()["mine"]},
+                            "max_seq_length": job.model.max_seq_length, "prompts": job.to_dict()["model"]["prompts"], "seed": job.train.seed,
+                            "mine": job.to_dict()["mine"]},
                            ("mine.output", "mine.enabled", "mine.embed.concurrency", "mine.embed.cpus_per_actor", "mine.embed.num_gpus"))
     if identity.reusable(out, settings, "triplets", "mine.output"):
         log.info(f"mine: {out} exists; reusing it (delete it to mine again)")
@@ -71,16 +72,17 @@ def run(job: JobConfig) -> str:
 
     # 1. The corpus, embedded by the Ray Data pipeline (a rerun finds it committed and skips it).
     store = out.rsplit(".", 1)[0] + ".embeddings"
-    committed = pipeline.run(EmbedJob(model=model, corpus=source, output=store,
-                                   max_seq_length=job.model.max_seq_length, embed=cfg.embed))
+    # the job's prompts go with its own model; a separate mining model uses those its folder stores
+    committed = pipeline.run(EmbedJob(model=model, corpus=source, output=store, max_seq_length=job.model.max_seq_length,
+                                      prompts=job.model.prompts if not cfg.model else Prompts(), embed=cfg.embed))
 
     # 2. Queries and positives, in the stored space.
-    encoder = Encoder.from_pretrained(model, committed["model"]["max_seq_length"])
+    encoder = Encoder.from_pretrained(model, committed["model"]["max_seq_length"], committed["model"]["prompts"])
     qids = list(beir.queries)
-    q_emb = search.encode_queries(encoder, committed, [beir.queries[q] for q in qids])  # (Q, dim)
+    q_emb = search.encode_texts(encoder, committed, [beir.queries[q] for q in qids], "query")  # (Q, dim)
     q_row = {q: i for i, q in enumerate(qids)}
     pos_ids = sorted({d for _, d in pairs})
-    p_emb = search.encode_queries(encoder, committed, [beir.corpus[d] for d in pos_ids])  # documents, same space
+    p_emb = search.encode_texts(encoder, committed, [beir.corpus[d] for d in pos_ids], "document")
     p_row = {d: i for i, d in enumerate(pos_ids)}
 
     # 3. Top-k per query, streaming the shards; room for the positives that will be dropped.

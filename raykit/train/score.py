@@ -132,8 +132,9 @@ class _Teacher:
 
     def _score(self, pairs: list[tuple[str, str]]) -> list[float]:
         if self.kind == "bi_encoder":
-            q = self.encoder.encode([p[0] for p in pairs], len(pairs), self.device)
-            d = self.encoder.encode([p[1] for p in pairs], len(pairs), self.device)
+            # the teacher's own prompts (those its folder stores)
+            q = self.encoder.encode([p[0] for p in pairs], len(pairs), self.device, role="query")
+            d = self.encoder.encode([p[1] for p in pairs], len(pairs), self.device, role="document")
             return (self.scale * (q * d).sum(-1)).tolist()
         enc = self.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], padding=True, truncation=True,
                              max_length=self.max_len, return_tensors="pt").to(self.device)
