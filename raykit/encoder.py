@@ -42,16 +42,20 @@ def resolve_model(name: str, key: str = "model.name") -> str:
     return str(path)
 
 
-def model_config(name: str, key: str = "model.name"):
+def model_config(name: str, key: str = "model.name", embedding: bool = True):
     """A model's Hugging Face config, read without its weights: a job is checked against it on the
-    driver before anything is written. One line naming `key` when it cannot be read."""
+    driver before anything is written. One line naming `key` when it cannot be read, or when an
+    `embedding` model's sentence-transformers modules are ones raykit does not run."""
     from transformers import AutoConfig
 
     path = resolve_model(name, key)
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise RaykitError(f"{key}: cannot load '{name}' ({str(e).splitlines()[0]})") from None
+    if embedding:
+        stored_settings(name)
+    return config
 
 
 def position_limit(config) -> int:

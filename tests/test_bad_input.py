@@ -64,3 +64,19 @@ def test_help_names_the_exit_codes(name, capsys):
         main([name, "--help"])
     assert e.value.code == 0
     assert "exit codes" in capsys.readouterr().out.lower()
+
+
+def test_a_model_folder_with_a_module_raykit_does_not_run_is_refused_before_training(tiny_model, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer, models
+
+    word = models.Transformer(tiny_model, max_seq_length=16)
+    dense = models.Dense(word.get_word_embedding_dimension(), 8)
+    SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean"), dense],
+                        device="cpu").save(str(tmp_path / "dense"))
+    out = tmp_path / "out"
+    for command in ("train", "mine"):
+        line = refused(capsys, command, "quickstart", f"model.name={tmp_path / 'dense'}", "model.max_seq_length=16",
+                       "eval.dims=[8]", f"output_dir={out}")
+        assert line.endswith("sentence-transformers module Dense (2_Dense) is not supported by raykit; "
+                             "use a model of Transformer, Pooling and Normalize modules"), line
+        assert not out.exists()

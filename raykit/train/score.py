@@ -36,7 +36,7 @@ def check(job: JobConfig) -> None:
     cfg = job.teacher
     if not cfg.model:
         raise RaykitError(f"loss.name={job.loss.name}: the data has no teacher scores; set teacher.model (a cross-encoder)")
-    config = model_config(cfg.model, "teacher.model")
+    config = model_config(cfg.model, "teacher.model", embedding=cfg.kind == "bi_encoder")
     if cfg.kind == "cross_encoder" and config.num_labels != 1:
         raise RaykitError(f"teacher.model: {cfg.model} has {config.num_labels} outputs; a cross-encoder teacher "
                           "needs 1 (a relevance logit), or set teacher.kind=bi_encoder for an embedding model")
