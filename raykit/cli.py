@@ -120,7 +120,7 @@ def _search(args) -> None:
     if args.beir:
         from raykit.data import load_beir
 
-        metrics = search.evaluate_stored(output, args.model, load_beir(args.beir, args.split))
+        metrics = search.evaluate_stored(output, args.model, load_beir(args.beir, args.split), args.trust_remote_code)
         print(f"{args.beir} ({args.split}) against {output}")
         for name, value in metrics.items():
             print(f"  {name:<11}{value:.4f}")
@@ -129,7 +129,7 @@ def _search(args) -> None:
         raise RaykitError("search: no queries; pass query texts, or --beir FOLDER to score a BEIR split")
     if args.k <= 0:
         raise RaykitError(f"search: -k {args.k} must be above 0")
-    for query, hits in zip(args.queries, search.search(output, args.model, args.queries, args.k)):
+    for query, hits in zip(args.queries, search.search(output, args.model, args.queries, args.k, args.trust_remote_code)):
         print(f"query: {query}")
         for rank, (doc, score) in enumerate(hits, start=1):
             print(f"  {rank:>3}  {score:.4f}  {doc}")
@@ -231,4 +231,5 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     search.add_argument("--beir", help="instead of queries: score this BEIR folder's split against the stored embeddings")
     search.add_argument("--split", default="test", help="BEIR split for --beir (default test)")
+    search.add_argument("--trust-remote-code", action="store_true", help="run Python code from the model's repository (review it first)")
     return parser

@@ -36,6 +36,8 @@ class ModelConfig:
     normalize: bool = True  # L2-normalize, so dot product = cosine
     max_seq_length: int = 256  # longer = more context, quadratic attention cost
     prompts: Prompts = field(default_factory=Prompts)  # `raykit plan` suggests them for the families it knows
+    revision: str = ""  # a hub id's commit, branch or tag: pin one, so every node loads the same weights
+    trust_remote_code: bool = False  # run Python code from the model's repository (review it first)
 
     def __post_init__(self):
         _choice("model.pooling", self.pooling, ("mean", "cls"))
@@ -357,6 +359,8 @@ class EmbedJob:
     # the model's prompts, if its folder stores none (a base E5 from the hub); the document prompt
     # embeds the corpus, and `raykit search` puts the query prompt before queries (the manifest keeps both)
     prompts: Prompts = field(default_factory=Prompts)
+    revision: str = ""  # a hub id's commit, branch or tag (as model.revision in a train job)
+    trust_remote_code: bool = False  # run Python code from the model's repository (review it first)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def __post_init__(self):

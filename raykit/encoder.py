@@ -42,7 +42,23 @@ def resolve_model(name: str, key: str = "model.name") -> str:
     return str(path)
 
 
-def model_config(name: str, key: str = "model.name", embedding: bool = True):
+def hub_options(revision: str, trust_remote_code: bool) -> dict:
+    """What every from_pretrained of one model gets: its pinned revision and whether its own code may run."""
+    return {"revision": revision or None, "trust_remote_code": trust_remote_code}
+
+
+def load_error(key: str, name: str, e: Exception) -> RaykitError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "trust_remote_code" in str(e):
+        section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        return RaykitError(f"{key}: {name} runs Python code from its repository; review it, then set "
+                           f"{section}trust_remote_code=true")
+    return RaykitError(f"{key}: cannot load '{name}' ({first}); use a local folder, a pkg: path, or a hub id "
+                       "reachable from this machine")
+
+
+def model_config(name: str, key: str = "model.name", embedding: bool = True, revision: str = "",
+                 trust_remote_code: bool = False):
     """A model's Hugging Face config, read without its weights: a job is checked against it on the
     driver before anything is written. One line naming `key` when it cannot be read, or when an
     `embedding` model's sentence-transformers modules are ones raykit does not run."""
@@ -50,11 +66,11 @@ def model_config(name: str, key: str = "model.name", embedding: bool = True):
 
     path = resolve_model(name, key)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hub_options(revision, trust_remote_code))
     except (OSError, ValueError) as e:
-        raise RaykitError(f"{key}: cannot load '{name}' ({str(e).splitlines()[0]})") from None
+        raise load_error(key, name, e) from None
     if embedding:
-        stored_settings(name)
+        stored_settings(name, revision)
     return config
 
 
@@ -95,13 +111,13 @@ class Encoder(nn.Module):
 
         hf_logging.disable_progress_bar()  # a bar per load, per worker: noise in every log
         path = resolve_model(cfg.name)
+        hub = hub_options(cfg.revision, cfg.trust_remote_code)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, **hub)
             # fp32 master weights whatever the checkpoint's dtype; bf16 comes from autocast or DeepSpeed.
-            model = AutoModel.from_pretrained(path, dtype=torch.float32)
+            model = AutoModel.from_pretrained(path, dtype=torch.float32, **hub)
         except (OSError, ValueError) as e:
-            hint = "a local folder, a pkg: path, or a hub id reachable from this machine"
-            raise RaykitError(f"model.name: cannot load '{cfg.name}' ({str(e).splitlines()[0]}); use {hint}") from None
+            raise load_error("model.name", cfg.name, e) from None
         # asked for by name: refused past the limit; a default longer than the model: the limit
         limit = check_length(model.config, max_seq_length, cfg.name)
         if getattr(model, "pooler", None) is not None:
@@ -109,11 +125,12 @@ class Encoder(nn.Module):
             # unused parameter that DDP and ZeRO would wait forever for. Frozen, and saved unchanged.
             model.pooler.requires_grad_(False)
         # the job's prompts, else those the model's folder stores (a raykit or sentence-transformers save)
-        prompts = cfg.prompts.as_dict() or stored_settings(cfg.name).get("prompts", {})
+        prompts = cfg.prompts.as_dict() or stored_settings(cfg.name, cfg.revision).get("prompts", {})
         return cls(model, tokenizer, cfg.pooling, cfg.normalize, min(cfg.max_seq_length, limit or cfg.max_seq_length), prompts)
 
     @classmethod
-    def from_pretrained(cls, name: str, max_seq_length: int = 0, prompts: dict[str, str] | None = None) -> "Encoder":
+    def from_pretrained(cls, name: str, max_seq_length: int = 0, prompts: dict[str, str] | None = None,
+                        revision: str = "", trust_remote_code: bool = False) -> "Encoder":
         """Load a saved model with the pooling, normalization, max length and prompts its folder
         declares; `prompts` for a model whose folder stores none.
 
@@ -121,14 +138,15 @@ class Encoder(nn.Module):
         sentence_bert_config.json) that raykit and sentence-transformers write; a plain Hugging Face
         model without them gets ModelConfig's defaults (mean pooling, normalized, 256 tokens).
         """
-        settings = stored_settings(name)
+        settings = stored_settings(name, revision)
         if max_seq_length:
             settings["max_seq_length"] = max_seq_length
         settings["prompts"] = Prompts(**(settings.get("prompts") or prompts or {}))
         try:
-            return cls.load(ModelConfig(name=name, **settings), max_seq_length)
+            return cls.load(ModelConfig(name=name, revision=revision, trust_remote_code=trust_remote_code, **settings),
+                            max_seq_length)
         except RaykitError as e:  # outside a train job the model is not at key model.name
-            raise RaykitError(str(e).replace("model.name: ", "model: ", 1)) from None
+            raise RaykitError(str(e).replace("model.name: ", "model: ", 1).replace("set model.trust", "set trust")) from None
 
     def fingerprint(self) -> str:
         """The identity of what this encoder computes: weights, tokenizer, pooling, normalization, max
@@ -229,7 +247,7 @@ class Encoder(nn.Module):
             "similarity_fn_name": "cosine" if self.normalize else "dot", "prompts": self.prompts, "default_prompt_name": None})
 
 
-def stored_settings(name: str) -> dict:
+def stored_settings(name: str, revision: str = "") -> dict:
     """pooling / normalize / max_seq_length from a sentence-transformers folder (or hub repo), if it has them."""
     local = resolve_model(name)
 
@@ -242,7 +260,7 @@ def stored_settings(name: str) -> dict:
         try:  # a hub id: the small config files, from the cache or the hub
             from huggingface_hub import hf_hub_download
 
-            return json.loads(Path(hf_hub_download(name, file)).read_text())
+            return json.loads(Path(hf_hub_download(name, file, revision=revision or None)).read_text())
         except Exception:  # noqa: BLE001 - absent file, offline, or not a hub id: use defaults
             return None
 

@@ -200,3 +200,21 @@ def refused(capsys, *argv: str) -> str:
     last = err.strip().splitlines()[-1]
     assert last.startswith("raykit: error: "), err[-2000:]
     return last
+
+
+def custom_code_model(tiny_model, path):
+    """The tiny BERT as a model whose repository brings its own code (config.json's auto_map)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="custom-bert", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                      "AutoModel": "modeling_custom.CustomModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "configuration_custom.py").write_text(
+        "from transformers import BertConfig\n\n\nclass CustomConfig(BertConfig):\n    model_type = 'custom-bert'\n")
+    (path / "modeling_custom.py").write_text(
+        "from transformers import BertModel\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomModel(BertModel):\n    config_class = CustomConfig\n")
+    return str(path)

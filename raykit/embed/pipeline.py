@@ -42,7 +42,8 @@ def run(job: EmbedJob) -> dict:
     source = storage.resolve(job.corpus)
 
     # Everything checkable is checked before a worker starts.
-    encoder = Encoder.from_pretrained(job.model, job.max_seq_length, job.prompts.as_dict())
+    hub = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
+    encoder = Encoder.from_pretrained(job.model, job.max_seq_length, job.prompts.as_dict(), **hub)
     dim = job.embed.dim or encoder.dim
     if dim > encoder.dim:
         raise RaykitError(f"embed.dim: {dim} is larger than the model's {encoder.dim} dimensions; use {encoder.dim} or less")
@@ -57,7 +58,7 @@ def run(job: EmbedJob) -> dict:
     }
     # recorded in the manifest: `raykit search` reads the prompts from there for a model that stores none
     settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length,
-                "prompts": encoder.prompts}
+                "prompts": encoder.prompts, **hub}
     del encoder
 
     committed = manifest.read_committed(output)
@@ -130,14 +131,16 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
                 "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)), **env}
 
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
+    hub = {key: settings[key] for key in ("revision", "trust_remote_code")}
     ds = ds.map_batches(**light(stages.TokenizeShards, model=job.model, max_seq_length=settings["max_seq_length"],
-                                prompt=settings["prompts"].get("document", "")))
+                                prompt=settings["prompts"].get("document", ""), **hub))
     ds = ds.map_batches(
         stages.EncodeShards,
         fn_constructor_kwargs={
             "model": job.model,
             "max_seq_length": settings["max_seq_length"],
             "prompts": settings["prompts"],
+            **hub,
             "fingerprint": identity["model"],
             "dim": identity["dim"],
             "dtype": identity["dtype"],

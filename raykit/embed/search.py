@@ -20,11 +20,15 @@ from raykit.errors import RaykitError
 from raykit.evaluate import K_MAX, score_rankings
 
 
-def load_query_encoder(output: str, model: str) -> tuple[Encoder, dict]:
+def load_query_encoder(output: str, model: str, trust_remote_code: bool = False) -> tuple[Encoder, dict]:
     """The model as a query encoder for `output`, or an error naming both fingerprints."""
     committed = manifest.require_manifest(output)
-    # the prompts the documents were embedded with, for a model whose folder stores none (a base E5)
-    encoder = Encoder.from_pretrained(model, committed["model"]["max_seq_length"], committed["model"].get("prompts"))
+    made_by = committed["model"]
+    # the prompts the documents were embedded with, for a model whose folder stores none (a base E5),
+    # and the revision they were embedded at when it is the same hub id. Never its code trust: a
+    # manifest is data anyone who can write the bucket can write.
+    revision = made_by.get("revision", "") if model == made_by["name"] else ""
+    encoder = Encoder.from_pretrained(model, made_by["max_seq_length"], made_by.get("prompts"), revision, trust_remote_code)
     mine, theirs = encoder.fingerprint(), committed["model"]["fingerprint"]
     if mine != theirs:
         raise RaykitError(
@@ -63,14 +67,14 @@ def top_k(output: str, committed: dict, queries: np.ndarray, k: int) -> list[lis
     return [list(zip(best_ids[r], best_scores[r].tolist())) for r in range(len(q))]
 
 
-def search(output: str, model: str, queries: list[str], k: int = 10) -> list[list[tuple[str, float]]]:
-    encoder, committed = load_query_encoder(output, model)
+def search(output: str, model: str, queries: list[str], k: int = 10, trust_remote_code: bool = False) -> list[list[tuple[str, float]]]:
+    encoder, committed = load_query_encoder(output, model, trust_remote_code)
     return top_k(output, committed, encode_texts(encoder, committed, queries), k)
 
 
-def evaluate_stored(output: str, model: str, beir: Beir) -> dict[str, float]:
+def evaluate_stored(output: str, model: str, beir: Beir, trust_remote_code: bool = False) -> dict[str, float]:
     """nDCG@10, Recall@100 and MRR@10 of a BEIR split against the stored document embeddings."""
-    encoder, committed = load_query_encoder(output, model)
+    encoder, committed = load_query_encoder(output, model, trust_remote_code)
     stored_rows = committed["rows"]
     if stored_rows != len(beir.corpus):
         raise RaykitError(f"{output} holds {stored_rows:,} documents, the BEIR corpus {len(beir.corpus):,}; embed that corpus first")

@@ -23,12 +23,12 @@ class TokenizeShards:
     """Reads a shard's documents and tokenizes them after the document prompt (no padding: the
     encoder pads per batch)."""
 
-    def __init__(self, model: str, max_seq_length: int, prompt: str = ""):
+    def __init__(self, model: str, max_seq_length: int, prompt: str = "", revision: str = "", trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
-        from raykit.encoder import resolve_model
+        from raykit.encoder import hub_options, resolve_model
 
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), **hub_options(revision, trust_remote_code))
         self.max_seq_length, self.prompt = max_seq_length, prompt
 
     def __call__(self, batch: dict) -> dict:
@@ -61,7 +61,8 @@ def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int, prompt: str = 
 class EncodeShards:
     """An encoder actor: loads the model once, checks it is the driver's, embeds one shard per call."""
 
-    def __init__(self, model, max_seq_length, prompts, fingerprint, dim, dtype, batch_size, batch_tokens, precision, threads):
+    def __init__(self, model, max_seq_length, prompts, revision, trust_remote_code, fingerprint, dim, dtype, batch_size,
+                 batch_tokens, precision, threads):
         import torch
 
         from raykit.encoder import Encoder
@@ -70,10 +71,10 @@ class EncodeShards:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        encoder = Encoder.from_pretrained(model, max_seq_length, prompts)
+        encoder = Encoder.from_pretrained(model, max_seq_length, prompts, revision, trust_remote_code)
         mine = encoder.fingerprint()
         if mine != fingerprint:  # e.g. a hub id that resolved to another revision on this node
-            raise RaykitError(f"model: {model} loaded on this node as {manifest.short(mine)}, on the driver as {manifest.short(fingerprint)}; pin one revision or use a folder on shared storage")
+            raise RaykitError(f"model: {model} loaded on this node as {manifest.short(mine)}, on the driver as {manifest.short(fingerprint)}; pin one revision (revision=) or use a folder on shared storage")
         self.encoder = encoder.to(self.device).eval()
         self.bf16 = use_bf16(precision, self.device)
         self.pad = encoder.tokenizer.pad_token_id or 0

@@ -248,7 +248,7 @@ def check_model(job: JobConfig) -> None:
     """Load the model's config (not its weights) to check the job against it."""
     from transformers import AutoModel
 
-    config = model_config(job.model.name)
+    config = model_config(job.model.name, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code)
     check_length(config, job.model.max_seq_length, job.model.name, "model.max_seq_length")
     for key, dims in (("eval.dims", job.eval.dims), ("loss.matryoshka_dims", job.loss.matryoshka_dims)):
         if dims and dims[-1] > config.hidden_size:

@@ -62,7 +62,9 @@ def run(job: JobConfig) -> str:
         return out
     started = time.time()
     check(job)
-    config = model_config(model, "mine.model" if cfg.model else "model.name")
+    # the job's revision and code trust go with its own model; a separate mining model is a folder or pinned id
+    own = {} if cfg.model else {"revision": job.model.revision, "trust_remote_code": job.model.trust_remote_code}
+    config = model_config(model, "mine.model" if cfg.model else "model.name", **own)
     check_length(config, job.model.max_seq_length, model, "model.max_seq_length")
     beir = load_beir(source, job.data.split)
     identity.record(out + ".job.json", settings)  # before the triplets: they mark the mining complete
@@ -74,10 +76,10 @@ def run(job: JobConfig) -> str:
     store = out.rsplit(".", 1)[0] + ".embeddings"
     # the job's prompts go with its own model; a separate mining model uses those its folder stores
     committed = pipeline.run(EmbedJob(model=model, corpus=source, output=store, max_seq_length=job.model.max_seq_length,
-                                      prompts=job.model.prompts if not cfg.model else Prompts(), embed=cfg.embed))
+                                      prompts=job.model.prompts if not cfg.model else Prompts(), embed=cfg.embed, **own))
 
     # 2. Queries and positives, in the stored space.
-    encoder = Encoder.from_pretrained(model, committed["model"]["max_seq_length"], committed["model"]["prompts"])
+    encoder = Encoder.from_pretrained(model, committed["model"]["max_seq_length"], committed["model"]["prompts"], **own)
     qids = list(beir.queries)
     q_emb = search.encode_texts(encoder, committed, [beir.queries[q] for q in qids], "query")  # (Q, dim)
     q_row = {q: i for i, q in enumerate(qids)}
