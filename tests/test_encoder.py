@@ -199,3 +199,24 @@ def test_a_model_that_brings_its_own_code_runs_only_when_the_job_trusts_it(tiny_
     assert type(trusted.model).__name__ == "CustomModel"
     torch.testing.assert_close(trusted.encode(TEXTS, role="document"),
                                Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16)).encode(TEXTS, role="document"))
+
+
+@pytest.mark.parametrize("mode", ["lasttoken", "weightedmean", "max"])
+def test_a_pooling_raykit_does_not_run_is_refused_naming_it(tiny_model, tmp_path, mode):
+    from sentence_transformers import SentenceTransformer, models
+
+    word = models.Transformer(tiny_model, max_seq_length=16)
+    SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), mode)], device="cpu").save(str(tmp_path / "m"))
+    with pytest.raises(RaykitError, match=f"m: pooling mode '{mode}' is not supported; raykit pools by mean or CLS token"):
+        Encoder.from_pretrained(str(tmp_path / "m"))
+
+
+def test_a_folder_without_normalize_embeds_unnormalized_as_sentence_transformers_does(tiny_model, tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+
+    word = models.Transformer(tiny_model, max_seq_length=16)
+    st = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "cls")], device="cpu")
+    st.save(str(tmp_path / "m"))
+    ours = Encoder.from_pretrained(str(tmp_path / "m"))
+    assert not ours.normalize and ours.pooling == "cls"
+    np.testing.assert_allclose(st.encode_document(TEXTS), ours.encode(TEXTS, role="document").numpy(), atol=1e-5)
