@@ -45,11 +45,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Which column of the user's pair files holds each field (`data.columns: {query: question}`)."""
+
+    query: str = "query"
+    positive: str = "positive"
+    negatives: str = "negatives"  # a list of texts, or one text (the default also reads a `negative` column)
+    positive_score: str = "positive_score"  # teacher scores, for distillation
+    negative_scores: str = "negative_scores"  # a list, or one number (the default also reads `negative_score`)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    # A BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or a .jsonl/.parquet file or
-    # folder of them with columns query, positive[, negative]. Local path or s3:// URI.
+    # A BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); or pair files: .jsonl, .parquet,
+    # .csv or .tsv (one, or a folder of them), a Hugging Face dataset folder (save_to_disk), or
+    # hf:ORG/NAME from the hub, with the columns `columns` names. Local path or s3:// URI.
     train: str = ""
-    split: str = "train"  # qrels split used for training when `train` is a BEIR folder
+    split: str = "train"  # qrels split of a BEIR folder, or the split of a Hugging Face dataset
+    columns: Columns = field(default_factory=Columns)
     max_examples: int = 0  # 0 = all; otherwise the first N (after a seeded shuffle)
     num_negatives: int = 0  # hard negatives per query to train on (from `negatives`); 0 = all the data has
     # Validation split (BEIR `train` only): hold out this many training queries (seeded by train.seed);

@@ -1,27 +1,23 @@
-"""Datasets: BEIR folders and query/positive[/negatives] files, local or s3://, validated up front.
+"""Datasets: BEIR folders, and the training table built from one or from pair files (raykit/pairs.py),
+local or s3://, validated up front.
 
 Everything is checked on the driver before a worker starts: a bad line costs seconds, not a cluster
-allocation. Errors name the file and the offending line or id. The validated training set becomes a
-Ray Dataset that Ray Train shards across workers.
+allocation. Errors name the file and the offending line or id. The training table goes to the workers
+through Ray's object store; raykit/train/batches.py orders its rows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raykit import storage
+from raykit import pairs, storage
 from raykit.config import DataConfig
 from raykit.errors import DataError
-
-PAIR_COLUMNS = ("query", "positive")
-NEGATIVE_COLUMN = "negative"
+from raykit.textfiles import read_jsonl, utf8
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ def load_training_set(cfg: DataConfig, seed: int) -> pa.Table:
     """
     if not cfg.train:
         raise DataError("data.train: not set; point it at a BEIR folder or a .jsonl/.parquet file (data.train=PATH)")
-    if not storage.exists(cfg.train):
+    if not cfg.train.startswith(pairs.HUB) and not storage.exists(cfg.train):
         raise DataError(f"data.train: {cfg.train}: no such file or folder")
     if is_beir(cfg.train):
         beir = load_beir(cfg.train, cfg.split)
@@ -73,7 +69,7 @@ def load_training_set(cfg: DataConfig, seed: int) -> pa.Table:
         raise DataError(f"data.val_queries: needs data.train to be a BEIR folder (its qrels judge the held-out queries); "
                         f"{cfg.train} is a pair file. Set data.val_queries=0")
     else:
-        table = _pair_files(cfg.train, cfg.num_negatives)
+        table = _pair_files(cfg)
     rng = np.random.default_rng(seed)
     table = table.take(rng.permutation(table.num_rows))
     if cfg.max_examples:
@@ -115,17 +111,6 @@ def doc_text(title, text: str) -> str:
     return (f"{title} {text}" if isinstance(title, str) and title else text).strip()
 
 
-def write_pair_file(path: str, rows: list[dict]) -> None:
-    """Rows in the pair-file format (what read_pair_file reads back): .jsonl or .parquet by the
-    path's suffix, local or s3://, in one atomic write."""
-    if path.endswith(".parquet"):
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buf)
-        storage.put(path, buf.getvalue())
-    else:
-        storage.put_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def text_id(texts) -> np.ndarray:
     return np.array([_hash64(t) for t in texts], dtype=np.int64)
 
@@ -145,11 +130,9 @@ def _beir_pairs(beir: Beir, qrels_path: str, held_out: list[str]) -> pa.Table:
     )
 
 
-def _pair_files(path: str, num_negatives: int) -> pa.Table:
-    files = storage.list_files(path, (".jsonl", ".parquet")) if storage.is_dir(path) else [path]
-    if not files:
-        raise DataError(f"data.train: {path}: no .jsonl or .parquet files in this folder")
-    rows = [row for f in files for row in read_pair_file(f)]
+def _pair_files(cfg: DataConfig) -> pa.Table:
+    path, num_negatives = cfg.train, cfg.num_negatives
+    rows = [row for f in pairs.files(path) for row in pairs.read(f, cfg.columns, cfg.split)]
     counts = {len(r["negatives"]) for r, _ in rows}
     k = num_negatives or min(counts)
     if not num_negatives and len(counts) > 1:
@@ -185,101 +168,11 @@ def negative_count(columns) -> int:
     return sum(1 for c in columns if c.startswith("negative_") and c[len("negative_"):].isdigit())
 
 
-def read_pair_file(path: str) -> list[tuple[dict, str]]:
-    """Validated rows as {query, positive, negatives: [...][, positive_score, negative_scores]}, with where each is."""
-    if path.endswith(".parquet"):
-        try:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(path)))
-        except pa.ArrowInvalid as e:
-            raise DataError(f"{path}: not a valid Parquet file ({e})") from None
-        records = [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist(), start=1)]
-    elif path.endswith(".jsonl"):
-        records = [(f"{path}:line {n}", rec) for n, rec in _read_jsonl(path)]
-    else:
-        raise DataError(f"{path}: unknown format; use .jsonl or .parquet")
-    if not records:
-        raise DataError(f"{path}: empty file; it needs rows with {', '.join(PAIR_COLUMNS)}")
-    return [(_pair_row(rec, where), where) for where, rec in records]
-
-
-def _pair_row(rec: dict, where: str) -> dict:
-    row = {}
-    for col in PAIR_COLUMNS:
-        row[col] = _text(rec.get(col), col, where)
-    negatives = rec.get("negatives")
-    if negatives is None:
-        negatives = [] if rec.get(NEGATIVE_COLUMN) is None else [rec[NEGATIVE_COLUMN]]
-    if not isinstance(negatives, list):
-        raise DataError(f"{where}: column 'negatives' must be a list of strings, got {type(negatives).__name__}")
-    row["negatives"] = [_text(n, "negatives", where) for n in negatives]
-    if rec.get("positive_score") is not None:
-        scores = rec.get("negative_scores")
-        if scores is None:
-            scores = [] if rec.get("negative_score") is None else [rec["negative_score"]]
-        if not isinstance(scores, list) or len(scores) != len(negatives):
-            raise DataError(f"{where}: 'negative_scores' must give one score per negative ({len(negatives)})")
-        row["positive_score"] = _number(rec["positive_score"], "positive_score", where)
-        row["negative_scores"] = [_number(x, "negative_scores", where) for x in scores]
-    return row
-
-
-def _text(value, col: str, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        problem = "missing" if value is None else f"not a non-empty string ({value!r:.40})"
-        raise DataError(f"{where}: column '{col}' is {problem}; every row needs {', '.join(PAIR_COLUMNS)}")
-    return value
-
-
-def _number(value, col: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise DataError(f"{where}: '{col}' must be a number, got {value!r:.40}")
-    return float(value)
-
-
-def _read_jsonl(path: str):
-    data = storage.read_bytes(path)
-    if not data.strip():
-        raise DataError(f"{path}: empty file")
-    for lineno, line in enumerate(utf8(data, path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        check_unicode(line, rec, f"{path}:{lineno}")
-        yield lineno, rec
-
-
-def utf8(data: bytes, path: str, first_line: int = 1) -> str:
-    """A text file's bytes as text, or one line naming the file, the line and the byte that is not UTF-8."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + data[: e.start].count(b"\n")
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}; a latin-1 or cp1252 file?); "
-                        "save it as UTF-8") from None
-
-
-def check_unicode(line: str, rec: dict, where: str) -> None:
-    """Refuse a JSON line whose strings hold a lone surrogate (a \\udXXX escape without its pair):
-    not text any tokenizer or UTF-8 writer takes. Checked only where such an escape appears."""
-    if "\\ud" not in line.lower():
-        return
-    try:
-        json.dumps(rec, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{where}: a lone surrogate (\\u{ord(e.object[e.start]):04x}) in a string; it is not "
-                        "valid Unicode: fix the text that wrote this file") from None
-
-
 def _read_jsonl_records(path: str, id_field: str):
     if not storage.exists(path):
         raise DataError(f"{path}: no such file; a BEIR folder needs corpus.jsonl and queries.jsonl")
     seen: dict[str, int] = {}
-    for lineno, rec in _read_jsonl(path):
+    for lineno, rec in read_jsonl(path):
         if id_field not in rec:
             raise DataError(f"{path}:{lineno}: no '{id_field}' field")
         _id = str(rec[id_field])

@@ -155,3 +155,39 @@ def test_reads_beir_and_pairs_from_s3(s3_server, tmp_path):
     assert load_training_set(DataConfig(train=f"s3://{bucket}/pairs"), seed=0).num_rows == 1
     with pytest.raises(DataError, match="no such file or folder"):
         load_training_set(DataConfig(train=f"s3://{bucket}/missing"), seed=0)
+
+
+def test_csv_tsv_and_a_hugging_face_dataset_in_their_own_columns(tmp_path):
+    """data.columns maps the user's names; CSV and TSV keep a query of digits as text; a dataset saved
+    with save_to_disk is read by its split."""
+    import datasets
+
+    from raykit.config import Columns
+
+    columns = Columns(query="question", positive="answer", negatives="hard_neg")
+    (tmp_path / "a.csv").write_text('question,answer,hard_neg\n"what, exactly?",an answer,a wrong one\n12345,"two\nlines",n\n')
+    (tmp_path / "b.tsv").write_text("question\tanswer\thard_neg\nq3\tp3\tn3\n")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"question": ["q4"], "answer": ["p4"], "hard_neg": ["n4"]}),
+                          "test": datasets.Dataset.from_dict({"question": ["t"], "answer": ["t"], "hard_neg": ["t"]})}
+                         ).save_to_disk(str(tmp_path / "hf"))
+    def rows(path: str) -> list[tuple]:
+        table = load_training_set(DataConfig(train=path, columns=columns), seed=0)
+        return sorted(zip(table["query"].to_pylist(), table["positive"].to_pylist(), table["negative_0"].to_pylist()))
+
+    assert rows(str(tmp_path)) == [("12345", "two\nlines", "n"), ("q3", "p3", "n3"), ("what, exactly?", "an answer", "a wrong one")]
+    assert rows(str(tmp_path / "hf")) == [("q4", "p4", "n4")]  # its train split (data.split)
+
+    with pytest.raises(DataError, match=r"hf: no split 'dev' in this dataset \(it has train, test\); set data.split"):
+        load_training_set(DataConfig(train=str(tmp_path / "hf"), split="dev", columns=columns), seed=0)
+    (tmp_path / "a.csv").write_text("question,answer\nq,p\nq2,\n")
+    with pytest.raises(DataError, match=r"a.csv:line 3: column 'answer' is missing; every row needs question, answer \(data.columns\)"):
+        load_training_set(DataConfig(train=str(tmp_path / "a.csv"), columns=columns), seed=0)
+    with pytest.raises(DataError, match=r"^hf:raykit-test/nowhere: cannot load this dataset from the hub \(.*\); save it with save_to_disk"):
+        load_training_set(DataConfig(train="hf:raykit-test/nowhere"), seed=0)
+
+
+def test_columns_come_from_the_job():
+    from raykit.jobfile import load_job
+
+    job = load_job(None, ["data.columns.query=question", "data.columns.negatives=hard_negs"])
+    assert (job.data.columns.query, job.data.columns.positive, job.data.columns.negatives) == ("question", "positive", "hard_negs")

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 import pyarrow.parquet as pq
 
 from raykit import storage
-from raykit.data import check_unicode, doc_text, utf8
+from raykit.data import doc_text
 from raykit.errors import DataError, StorageUnavailable
+from raykit.textfiles import check_unicode, utf8
 
 SUFFIXES = (".jsonl", ".parquet")
 ID_FIELDS = ("_id", "id")  # BEIR writes _id; plain files often id

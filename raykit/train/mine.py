@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from raykit import identity, storage
+from raykit import identity, pairs, storage
 from raykit.cluster import require_shared_storage
 from raykit.config import EmbedJob, JobConfig, Prompts
-from raykit.data import is_beir, load_beir, write_pair_file
+from raykit.data import is_beir, load_beir
 from raykit.embed import pipeline, search
 from raykit.encoder import Encoder, check_length, model_config
 from raykit.errors import RaykitError
@@ -68,9 +68,9 @@ def run(job: JobConfig) -> str:
     check_length(config, job.model.max_seq_length, model, "model.max_seq_length")
     beir = load_beir(source, job.data.split)
     identity.record(out + ".job.json", settings)  # before the triplets: they mark the mining complete
-    pairs = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]
+    judged = [(q, d) for q, docs in beir.qrels.items() for d, rel in docs.items() if rel > 0]
     positives = {q: {d for d, rel in docs.items() if rel > 0} for q, docs in beir.qrels.items()}
-    log.info(f"mine: {len(pairs)} pairs, {len(beir.queries)} queries, corpus {source}, model {model}")
+    log.info(f"mine: {len(judged)} pairs, {len(beir.queries)} queries, corpus {source}, model {model}")
 
     # 1. The corpus, embedded by the Ray Data pipeline (a rerun finds it committed and skips it).
     store = out.rsplit(".", 1)[0] + ".embeddings"
@@ -83,7 +83,7 @@ def run(job: JobConfig) -> str:
     qids = list(beir.queries)
     q_emb = search.encode_texts(encoder, committed, [beir.queries[q] for q in qids], "query")  # (Q, dim)
     q_row = {q: i for i, q in enumerate(qids)}
-    pos_ids = sorted({d for _, d in pairs})
+    pos_ids = sorted({d for _, d in judged})
     p_emb = search.encode_texts(encoder, committed, [beir.corpus[d] for d in pos_ids], "document")
     p_row = {d: i for i, d in enumerate(pos_ids)}
 
@@ -96,7 +96,7 @@ def run(job: JobConfig) -> str:
     # 4. Negatives per pair.
     rng = np.random.default_rng(job.train.seed)
     rows, skipped, ranks = [], 0, []
-    for q, d in pairs:
+    for q, d in judged:
         pos_score = float(q_emb[q_row[q]] @ p_emb[p_row[d]])
         cands = [(i, s) for i, s in ranked[q_row[q]] if i not in positives[q]][: cfg.top_k]
         cands = [(r, i, s) for r, (i, s) in enumerate(cands) if r >= cfg.range_min]
@@ -117,7 +117,7 @@ def run(job: JobConfig) -> str:
         raise RaykitError(f"mine: no pair kept {cfg.num_negatives} negatives; lower mine.range_min or mine.margin, or raise mine.top_k")
 
     # 5. One write: the file exists only once it is whole.
-    write_pair_file(out, rows)
+    pairs.write(out, rows)
     log.info(f"mine: {len(rows)} triplets x {cfg.num_negatives} negatives -> {out} | {skipped} pairs skipped "
           f"(too few candidates) | median negative rank {int(np.median(ranks))} | {time.time() - started:.0f} s")
     return out

@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from raykit import identity, storage
+from raykit import identity, pairs, storage
 from raykit.cluster import actor_count, connect_ray, quiet_ray_data, require_shared_storage, worker_error
 from raykit.config import JobConfig
-from raykit.data import is_beir, read_pair_file, write_pair_file
+from raykit.data import is_beir
 from raykit.encoder import Encoder, model_config, resolve_model
 from raykit.errors import RaykitError
 
@@ -59,8 +59,9 @@ def run(job: JobConfig, triplets: str) -> str:
     if is_beir(triplets):
         raise RaykitError(f"data.train: {triplets} is a BEIR folder: its pairs have no negatives to score; "
                           "mine them first (mine.enabled=true) or point data.train at triplets")
-    files = storage.list_files(triplets, (".jsonl", ".parquet")) if storage.is_dir(triplets) else [triplets]
-    rows = [row for f in files for row, _ in read_pair_file(f)]
+    # the user's own triplets in their columns; mined ones in raykit's
+    columns = job.data.columns if triplets == job.data.train else None
+    rows = [row for f in pairs.files(triplets) for row, _ in pairs.read(f, columns, job.data.split)]
     if not any(r["negatives"] for r in rows):
         raise RaykitError(f"{triplets}: no negatives to score against; mine them first (mine.enabled=true)")
     identity.record(out + ".job.json", settings)  # before the scores: they mark the scoring complete
@@ -86,7 +87,7 @@ def run(job: JobConfig, triplets: str) -> str:
             rows[result["i"]]["negative_scores"] = scores[1:]
     except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
         raise worker_error(e, "scoring stopped", "rerun the same command") from None
-    write_pair_file(out, rows)
+    pairs.write(out, rows)
     margins = np.array([r["positive_score"] - s for r in rows for s in r["negative_scores"]])
     log.info(f"score: {len(rows)} triplets -> {out} | teacher margin pos-neg mean {margins.mean():.3f}, "
           f"positive above negative in {100 * (margins > 0).mean():.0f}% | {time.time() - started:.0f} s")
