@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-train bench-quality bench-embed bench-strategies bench-sweep clean
+.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-memory bench-train bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,9 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/raykit train jobs/quickstart.yaml output_dir=runs/quickstart
 
+# --durations: every run's log names its slowest tests (the suite's time is watched)
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # `ray job submit` on a real 3-node Ray on this machine (token auth, S3): also part of `make test`.
 cluster-test: install
@@ -41,6 +42,9 @@ bench-faults: install
 
 bench-outage: install
 	$(PY) bench/outage.py
+
+bench-memory: install
+	$(PY) bench/driver_memory.py
 
 bench-train: install
 	$(PY) bench/train_throughput.py

@@ -141,9 +141,15 @@ def raised_by_raykit(e: BaseException) -> RaykitError | RunFailed | None:
     Ray Data re-raises a worker's exception as RayTaskError(UserCodeException) without the original
     as a cause; its text keeps the remote traceback, whose `raykit.errors.X: message` line is ours.
     """
+    import ray.exceptions
+
     import raykit.errors
 
-    if isinstance(e, (RaykitError, RunFailed)):
+    if isinstance(e, ray.exceptions.RayTaskError):  # a Ray task's: also an instance of our class, its text the traceback
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, (RaykitError, RunFailed)):
+            return cause
+    elif isinstance(e, (RaykitError, RunFailed)):
         return e
     found = re.findall(r"^raykit\.errors\.(\w+): (.+)$", str(e), flags=re.MULTILINE)
     if not found:

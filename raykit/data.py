@@ -8,6 +8,7 @@ through Ray's object store; raykit/train/batches.py orders its rows.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -51,30 +52,99 @@ def load_beir(path: str, split: str) -> Beir:
 
 
 def load_training_set(cfg: DataConfig, seed: int) -> pa.Table:
-    """The training examples as an Arrow table, shuffled once with `seed`.
+    """The training examples as one Arrow table in this process, shuffled once with `seed` (what
+    `TrainingSet.table` gives a worker; tests and benchmarks read it here).
 
     Columns: query, positive, negative_0..k-1 (text); query_id, positive_id, negative_id_j (int64 hashes
     of the source ids, or of the texts for plain pair files: the loss uses them to avoid treating a
     second copy of a query's own positive as a negative); and with teacher scores positive_score,
     negative_score_j (float32).
     """
+    _check_source(cfg)
+    if is_beir(cfg.train):
+        return _shuffled(_beir_table(cfg, seed), seed, cfg.max_examples)
+    read = [_read_file(f, cfg) for f in pairs.files(cfg.train)]
+    negatives, scored = _agree(cfg, [summary for _, summary in read])
+    return _shuffled(pa.concat_tables([_finish(raw, negatives, scored) for raw, _ in read]), seed, cfg.max_examples)
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The training table where the workers read it: blocks in Ray's object store, one per pair file,
+    read and validated by Ray tasks, so the driver holds references and counts, never the rows."""
+
+    blocks: list  # pa.Tables (a BEIR folder's pairs, before Ray starts) or ObjectRefs of them, in file order
+    num_rows: int  # after data.max_examples
+    negatives: int  # hard negatives per row
+    scored: bool  # teacher scores present
+    seed: int
+    max_examples: int
+
+    def placed(self) -> "TrainingSet":
+        """This set with every block in Ray's object store (one copy per node, not one per worker)."""
+        import ray
+
+        return dataclasses.replace(self, blocks=[ray.put(b) if isinstance(b, pa.Table) else b for b in self.blocks])
+
+    def table(self) -> pa.Table:
+        """The whole table, shuffled once with the seed: the same on every worker, and the same as
+        load_training_set's."""
+        import ray
+
+        blocks = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in self.blocks]
+        return _shuffled(pa.concat_tables(blocks), self.seed, self.max_examples)
+
+
+def training_set(cfg: DataConfig, seed: int) -> TrainingSet:
+    """The training examples for a run on Ray. A BEIR folder's pairs are built here (its corpus is
+    read here anyway; placed in the object store with the trainer); pair files are read and validated
+    by one Ray task each, and a bad row there is the same one line as here (file:line, exit 2)."""
+    import ray
+
+    from raykit.cluster import connect_ray, raised_by_raykit
+
+    _check_source(cfg)
+    if is_beir(cfg.train):
+        table = _beir_table(cfg, seed)
+        return TrainingSet([table], _kept(table.num_rows, cfg), negative_count(table.column_names),
+                           "positive_score" in table.column_names, seed, cfg.max_examples)
+    connect_ray()
+    env = {"runtime_env": {"env_vars": storage.worker_env()}} if storage.worker_env() else {}  # RAYKIT_STORAGE_RETRY
+    read = ray.remote(num_cpus=1)(_read_file).options(num_returns=2, **env)
+    refs = [read.remote(f, cfg) for f in pairs.files(cfg.train)]
+    try:
+        summaries = ray.get([summary for _, summary in refs])
+    except Exception as e:  # noqa: BLE001 - a bad row: the task's DataError, wrapped by Ray
+        raise raised_by_raykit(e) or e from None
+    negatives, scored = _agree(cfg, summaries)
+    finish = ray.remote(num_cpus=1)(_finish).options(**env)
+    blocks = [finish.remote(raw, negatives, scored) for raw, _ in refs]
+    ray.wait(blocks, num_returns=len(blocks), fetch_local=False)
+    return TrainingSet(blocks, _kept(sum(s.rows for s in summaries), cfg), negatives, scored, seed, cfg.max_examples)
+
+
+def _check_source(cfg: DataConfig) -> None:
     if not cfg.train:
         raise DataError("data.train: not set; point it at a BEIR folder or a .jsonl/.parquet file (data.train=PATH)")
     if not cfg.train.startswith(pairs.HUB) and not storage.exists(cfg.train):
         raise DataError(f"data.train: {cfg.train}: no such file or folder")
-    if is_beir(cfg.train):
-        beir = load_beir(cfg.train, cfg.split)
-        table = _beir_pairs(beir, storage.join(cfg.train, "qrels", cfg.split + ".tsv"), validation_queries(beir, cfg, seed))
-    elif cfg.val_queries:
+    if cfg.val_queries and not is_beir(cfg.train):
         raise DataError(f"data.val_queries: needs data.train to be a BEIR folder (its qrels judge the held-out queries); "
                         f"{cfg.train} is a pair file. Set data.val_queries=0")
-    else:
-        table = _pair_files(cfg)
-    rng = np.random.default_rng(seed)
-    table = table.take(rng.permutation(table.num_rows))
-    if cfg.max_examples:
-        table = table.slice(0, cfg.max_examples)
-    return table
+
+
+def _beir_table(cfg: DataConfig, seed: int) -> pa.Table:
+    beir = load_beir(cfg.train, cfg.split)
+    return _beir_pairs(beir, storage.join(cfg.train, "qrels", cfg.split + ".tsv"), validation_queries(beir, cfg, seed))
+
+
+def _shuffled(table: pa.Table, seed: int, max_examples: int) -> pa.Table:
+    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
+    return table.slice(0, max_examples) if max_examples else table
+
+
+def _kept(rows: int, cfg: DataConfig) -> int:
+    return min(rows, cfg.max_examples) if cfg.max_examples else rows
 
 
 def load_validation_set(cfg: DataConfig, seed: int) -> Beir | None:
@@ -130,36 +200,66 @@ def _beir_pairs(beir: Beir, qrels_path: str, held_out: list[str]) -> pa.Table:
     )
 
 
-def _pair_files(cfg: DataConfig) -> pa.Table:
-    path, num_negatives = cfg.train, cfg.num_negatives
-    rows = [row for f in pairs.files(path) for row in pairs.read(f, cfg.columns, cfg.split)]
-    counts = {len(r["negatives"]) for r, _ in rows}
-    k = num_negatives or min(counts)
-    if not num_negatives and len(counts) > 1:
-        raise DataError(
-            f"data.train: {path}: rows have {min(counts)} to {max(counts)} negatives; "
-            f"set data.num_negatives=N to train on the first N of each"
-        )
-    short = next(((r, where) for r, where in rows if len(r["negatives"]) < k), None)
-    if short:
-        raise DataError(f"{short[1]}: {len(short[0]['negatives'])} negatives, data.num_negatives asks {k}")
-    scored = {("positive_score" in r) for r, _ in rows}
-    if len(scored) > 1:
-        where = next(w for r, w in rows if "positive_score" not in r)
-        raise DataError(f"data.train: {path}: some rows have teacher scores and some don't (e.g. {where}); make them agree")
+@dataclass(frozen=True)
+class _FileSummary:
+    """What the driver needs of one pair file to check that the files agree."""
+
+    rows: int
+    fewest: tuple[int, str]  # the fewest negatives in a row, and where that row is
+    most: int
+    unscored: str | None  # where a row without teacher scores is, if one is
+    scored: bool  # some row has teacher scores
+
+
+def _read_file(path: str, cfg: DataConfig) -> tuple[pa.Table, _FileSummary]:
+    """One pair file's validated rows (negatives as lists, as the file has them) and its summary."""
+    rows = pairs.read(path, cfg.columns, cfg.split)
+    counts = [len(r["negatives"]) for r, _ in rows]
+    fewest = min(range(len(rows)), key=counts.__getitem__)
+    scored = [("positive_score" in r) for r, _ in rows]
+    raw = {"query": [r["query"] for r, _ in rows], "positive": [r["positive"] for r, _ in rows],
+           "negatives": [r["negatives"] for r, _ in rows]}
+    if all(scored):
+        raw["positive_score"] = [r["positive_score"] for r, _ in rows]
+        raw["negative_scores"] = [r["negative_scores"] for r, _ in rows]
+    summary = _FileSummary(len(rows), (counts[fewest], rows[fewest][1]), max(counts),
+                           next((where for (r, where), s in zip(rows, scored) if not s), None), any(scored))
+    return pa.table(raw), summary
+
+
+def _agree(cfg: DataConfig, summaries: list[_FileSummary]) -> tuple[int, bool]:
+    """(negatives per row, teacher scores or not) that every pair file's rows agree on; one line where they don't."""
+    fewest, where = min(s.fewest for s in summaries)
+    most = max(s.most for s in summaries)
+    k = cfg.num_negatives or fewest
+    if not cfg.num_negatives and fewest != most:
+        raise DataError(f"data.train: {cfg.train}: rows have {fewest} to {most} negatives; "
+                        f"set data.num_negatives=N to train on the first N of each")
+    if fewest < k:
+        raise DataError(f"{where}: {fewest} negatives, data.num_negatives asks {k}")
+    unscored = next((s.unscored for s in summaries if s.unscored), None)
+    if unscored and any(s.scored for s in summaries):
+        raise DataError(f"data.train: {cfg.train}: some rows have teacher scores and some don't (e.g. {unscored}); make them agree")
+    return k, unscored is None
+
+
+def _finish(raw: pa.Table, k: int, scored: bool) -> pa.Table:
+    """A pair file's rows as training columns: the first k negatives each in a column of its own."""
+    negatives = raw["negatives"].to_pylist()
     columns = {
-        "query": [r["query"] for r, _ in rows],
-        "positive": [r["positive"] for r, _ in rows],
-        "query_id": text_id([r["query"] for r, _ in rows]),
-        "positive_id": text_id([r["positive"] for r, _ in rows]),
+        "query": raw["query"],
+        "positive": raw["positive"],
+        "query_id": text_id(raw["query"].to_pylist()),
+        "positive_id": text_id(raw["positive"].to_pylist()),
     }
-    for j in range(k):  # one column per negative: plain arrays for Ray Data's numpy batches
-        columns[f"negative_{j}"] = [r["negatives"][j] for r, _ in rows]
+    for j in range(k):  # one column per negative: plain arrays for the loop's numpy batches
+        columns[f"negative_{j}"] = [n[j] for n in negatives]
         columns[f"negative_id_{j}"] = text_id(columns[f"negative_{j}"])
-    if True in scored:
-        columns["positive_score"] = np.array([r["positive_score"] for r, _ in rows], dtype=np.float32)
+    if scored:
+        columns["positive_score"] = raw["positive_score"].cast(pa.float32())
+        scores = raw["negative_scores"].to_pylist()
         for j in range(k):
-            columns[f"negative_score_{j}"] = np.array([r["negative_scores"][j] for r, _ in rows], dtype=np.float32)
+            columns[f"negative_score_{j}"] = np.array([s[j] for s in scores], dtype=np.float32)
     return pa.table(columns)
 
 

@@ -191,3 +191,27 @@ def test_columns_come_from_the_job():
 
     job = load_job(None, ["data.columns.query=question", "data.columns.negatives=hard_negs"])
     assert (job.data.columns.query, job.data.columns.positive, job.data.columns.negatives) == ("question", "positive", "hard_negs")
+
+
+def test_pair_files_are_read_by_ray_tasks_into_the_table_the_workers_get(ray_cluster, tmp_path):
+    """training_set: one Ray task per pair file reads and validates it; the driver holds references and
+    counts. A worker's table (TrainingSet.table) is load_training_set's, row for row; a bad row there
+    is the same one line, naming its file and line."""
+    import ray
+
+    from raykit.data import training_set
+
+    for i in range(3):
+        rows = [{"query": f"q{i}-{j}", "positive": f"p{i}-{j}", "negatives": [f"n{i}-{j}a", f"n{i}-{j}b"],
+                 "positive_score": 1.0, "negative_scores": [0.5, 0.25]} for j in range(5)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"part-{i}.parquet")
+    cfg = DataConfig(train=str(tmp_path), num_negatives=1, max_examples=12)
+    training = training_set(cfg, seed=3)
+    assert all(isinstance(b, ray.ObjectRef) for b in training.blocks) and len(training.blocks) == 3
+    assert (training.num_rows, training.negatives, training.scored) == (12, 1, True)
+    assert ray.get(ray.remote(lambda t: t.table().to_pylist()).remote(training)) == load_training_set(cfg, seed=3).to_pylist()
+
+    (tmp_path / "part-1.parquet").unlink()
+    (tmp_path / "part-1.jsonl").write_text('{"query": "q", "positive": "p", "negatives": ["a", "b"]}\n{"query": "q2"}\n')
+    with pytest.raises(DataError, match=r"part-1.jsonl:line 2: column 'positive' is missing"):
+        training_set(cfg, seed=3)

@@ -19,7 +19,7 @@ import raykit.log
 from raykit import identity, storage
 from raykit.cluster import connect_ray, require_shared_storage
 from raykit.config import JobConfig
-from raykit.data import load_beir, load_training_set, load_validation_set
+from raykit.data import load_beir, load_validation_set, training_set
 from raykit.encoder import check_length, model_config
 from raykit.errors import RaykitError, RunFailed, StorageUnavailable
 from raykit.train import report, tracking
@@ -170,27 +170,27 @@ def prepare(job: JobConfig, checked: bool = False, claim=lambda: None) -> tuple[
         connect_ray()
         claim()
     job = prepare_data(job)
-    table = load_training_set(job.data, job.train.seed)
-    if job.loss.distill and "positive_score" not in table.column_names:
-        raise RaykitError(f"loss.name={job.loss.name}: {job.data.train} has no teacher scores; set teacher.model, or run raykit score")
     if job.eval.data and not storage.exists(job.eval.data):
         raise RaykitError(f"eval.data: {job.eval.data}: no such folder; point it at a BEIR folder or set eval.data= to skip")
     if job.eval.ood_data and not storage.exists(job.eval.ood_data):
         raise RaykitError(f"eval.ood_data: {job.eval.ood_data}: no such folder; point it at an out-of-domain BEIR folder or set eval.ood_data=")
+    training = training_set(job.data, job.train.seed)  # pair files: read by Ray tasks, not into this process
+    if job.loss.distill and not training.scored:
+        raise RaykitError(f"loss.name={job.loss.name}: {job.data.train} has no teacher scores; set teacher.model, or run raykit score")
     inputs = {
-        "table": table,
-        "num_rows": table.num_rows,
+        "table": training,
+        "num_rows": training.num_rows,
         "eval_set": load_beir(job.eval.data, job.eval.split) if job.eval.data else None,
         "ood_set": load_beir(job.eval.ood_data, job.eval.ood_split) if job.eval.ood_data else None,
         "val_set": load_validation_set(job.data, job.train.seed),
     }
-    inputs["steps_per_epoch"], inputs["total_steps"] = schedule_length(table.num_rows, job.scaling.num_workers, job)
+    inputs["steps_per_epoch"], inputs["total_steps"] = schedule_length(training.num_rows, job.scaling.num_workers, job)
     steps_per_epoch, total_steps = inputs["steps_per_epoch"], inputs["total_steps"]
     if not writes_data:
         claim()
     held_out = f" ({job.data.val_queries} queries held out for validation)" if job.data.val_queries else ""
     log.info(
-        f"{table.num_rows} training pairs from {job.data.train}{held_out} | {job.scaling.num_workers} worker(s) x "
+        f"{training.num_rows} training pairs from {job.data.train}{held_out} | {job.scaling.num_workers} worker(s) x "
         f"batch {job.train.batch_size} | {steps_per_epoch} steps/epoch, {total_steps} steps | strategy {job.train.strategy}"
     )
     return job, inputs
@@ -204,7 +204,7 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
 
     # The pairs go to the workers through the object store, not as a Ray Data dataset: the loop owns
     # their order, so that a resumed run continues exactly (raykit/train/batches.py).
-    loop_config = {"job": job, "log_level": raykit.log.level(), **inputs, "table": ray.put(inputs["table"]),
+    loop_config = {"job": job, "log_level": raykit.log.level(), **inputs, "table": inputs["table"].placed(),
                    "checkpoints": storage.join(storage_path, name)}
     path, filesystem = storage.ray_storage(storage_path)  # an S3 client that outlasts an outage
     return TorchTrainer(

@@ -59,7 +59,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     _evaluate_base(state, sets, job, run_eval, log)
 
-    table = ray.get(config["table"])  # the training pairs: one copy per node, in Ray's object store
+    table = config["table"].table()  # the training pairs: one copy per node, in Ray's object store
     meter = _Throughput(job.train.batch_size * world, total_steps)
     saves = _CheckpointCadence(job, state)
     last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
