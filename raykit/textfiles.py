@@ -15,16 +15,25 @@ def read_jsonl(path: str):
     if not data.strip():
         raise DataError(f"{path}: empty file")
     for lineno, line in enumerate(utf8(data, path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        check_unicode(line, rec, f"{path}:{lineno}")
-        yield lineno, rec
+        if line.strip():
+            yield lineno, json_object(line, f"{path}:{lineno}")
+
+
+def json_object(line: str, where) -> dict:
+    """One line of JSON Lines as an object of valid Unicode, or one line naming `where` (file:line;
+    or a function that says it, called only for an error: finding a line number can cost a read)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{_said(where)}: not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{_said(where)}: expected a JSON object, got {type(rec).__name__}")
+    check_unicode(line, rec, where)
+    return rec
+
+
+def _said(where) -> str:
+    return where() if callable(where) else where
 
 
 def utf8(data: bytes, path: str, first_line: int = 1) -> str:
@@ -37,7 +46,7 @@ def utf8(data: bytes, path: str, first_line: int = 1) -> str:
                         "save it as UTF-8") from None
 
 
-def check_unicode(line: str, rec: dict, where: str) -> None:
+def check_unicode(line: str, rec: dict, where) -> None:
     """Refuse a JSON line whose strings hold a lone surrogate (a \\udXXX escape without its pair):
     not text any tokenizer or UTF-8 writer takes. Checked only where such an escape appears."""
     if "\\ud" not in line.lower():
@@ -45,5 +54,5 @@ def check_unicode(line: str, rec: dict, where: str) -> None:
     try:
         json.dumps(rec, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: a lone surrogate (\\u{ord(e.object[e.start]):04x}) in a string; it is not "
+        raise DataError(f"{_said(where)}: a lone surrogate (\\u{ord(e.object[e.start]):04x}) in a string; it is not "
                         "valid Unicode: fix the text that wrote this file") from None

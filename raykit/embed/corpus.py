@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from raykit import storage
 from raykit.data import doc_text
 from raykit.errors import DataError, StorageUnavailable
-from raykit.textfiles import check_unicode, utf8
+from raykit.textfiles import json_object, utf8
 
 SUFFIXES = (".jsonl", ".parquet")
 ID_FIELDS = ("_id", "id")  # BEIR writes _id; plain files often id
@@ -159,14 +159,7 @@ def _read_jsonl(shard: Shard) -> tuple[list[str], list[str]]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             utf8(raw, shard.path, _line_number(shard, line_start))  # raises, naming the line and byte
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{shard.path}:{_line_number(shard, line_start)}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{shard.path}:{_line_number(shard, line_start)}: expected a JSON object, got {type(rec).__name__}")
-        if "\\ud" in line.lower():
-            check_unicode(line, rec, f"{shard.path}:{_line_number(shard, line_start)}")
+        rec = json_object(line, lambda: f"{shard.path}:{_line_number(shard, line_start)}")
         _id = next((rec[f] for f in ID_FIELDS if f in rec), None)
         text = rec.get("text")
         if _id is None or not isinstance(text, str):
