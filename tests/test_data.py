@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import QUICKSTART, upload_dir
 
-from raykit.config import DataConfig
+from raykit.config import Columns, DataConfig
 from raykit.data import load_beir, load_training_set, load_validation_set, negative_count
 from raykit.errors import DataError
 
@@ -155,14 +155,21 @@ def test_reads_beir_and_pairs_from_s3(s3_server, tmp_path):
     assert load_training_set(DataConfig(train=f"s3://{bucket}/pairs"), seed=0).num_rows == 1
     with pytest.raises(DataError, match="no such file or folder"):
         load_training_set(DataConfig(train=f"s3://{bucket}/missing"), seed=0)
+    # a CSV file, and a Hugging Face dataset folder, in s3
+    import datasets
+
+    (tmp_path / "p.csv").write_text("q,p\nq1,p1\nq2,p2\n")
+    s3_server.client.upload_file(str(tmp_path / "p.csv"), bucket, "csv/p.csv")
+    assert load_training_set(DataConfig(train=f"s3://{bucket}/csv/p.csv", columns=Columns(query="q", positive="p")), seed=0).num_rows == 2
+    datasets.Dataset.from_dict({"query": ["a", "b", "c"], "positive": ["x", "y", "z"]}).save_to_disk(str(tmp_path / "ds"))
+    ds = upload_dir(s3_server.client, tmp_path / "ds", bucket, "ds")
+    assert load_training_set(DataConfig(train=ds), seed=0).num_rows == 3
 
 
 def test_csv_tsv_and_a_hugging_face_dataset_in_their_own_columns(tmp_path):
     """data.columns maps the user's names; CSV and TSV keep a query of digits as text; a dataset saved
     with save_to_disk is read by its split."""
     import datasets
-
-    from raykit.config import Columns
 
     columns = Columns(query="question", positive="answer", negatives="hard_neg")
     (tmp_path / "a.csv").write_text('question,answer,hard_neg\n"what, exactly?",an answer,a wrong one\n12345,"two\nlines",n\n')
