@@ -70,7 +70,7 @@ def model_config(name: str, key: str = "model.name", embedding: bool = True, rev
     except (OSError, ValueError) as e:
         raise load_error(key, name, e) from None
     if embedding:
-        stored_settings(name, revision)
+        stored_settings(name, revision, key)
     return config
 
 
@@ -104,20 +104,21 @@ class Encoder(nn.Module):
         self.max_seq_length = max_seq_length
 
     @classmethod
-    def load(cls, cfg: ModelConfig, max_seq_length: int = 0) -> "Encoder":
-        """`max_seq_length`: one the user set (refused past the model's positions), beside cfg's."""
+    def load(cls, cfg: ModelConfig, max_seq_length: int = 0, key: str = "model.name", stored: dict | None = None) -> "Encoder":
+        """`max_seq_length`: one the user set (refused past the model's positions), beside cfg's.
+        `key`: where the model was named, for errors; `stored`: its folder's settings, if already read."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per load, per worker: noise in every log
-        path = resolve_model(cfg.name)
+        path = resolve_model(cfg.name, key)
         hub = hub_options(cfg.revision, cfg.trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **hub)
             # fp32 master weights whatever the checkpoint's dtype; bf16 comes from autocast or DeepSpeed.
             model = AutoModel.from_pretrained(path, dtype=torch.float32, **hub)
         except (OSError, ValueError) as e:
-            raise load_error("model.name", cfg.name, e) from None
+            raise load_error(key, cfg.name, e) from None
         # asked for by name: refused past the limit; a default longer than the model: the limit
         limit = check_length(model.config, max_seq_length, cfg.name)
         if getattr(model, "pooler", None) is not None:
@@ -125,7 +126,8 @@ class Encoder(nn.Module):
             # unused parameter that DDP and ZeRO would wait forever for. Frozen, and saved unchanged.
             model.pooler.requires_grad_(False)
         # the job's prompts, else those the model's folder stores (a raykit or sentence-transformers save)
-        prompts = cfg.prompts.as_dict() or stored_settings(cfg.name, cfg.revision).get("prompts", {})
+        stored = stored if stored is not None else stored_settings(cfg.name, cfg.revision, key)
+        prompts = cfg.prompts.as_dict() or stored.get("prompts", {})
         return cls(model, tokenizer, cfg.pooling, cfg.normalize, min(cfg.max_seq_length, limit or cfg.max_seq_length), prompts)
 
     @classmethod
@@ -138,15 +140,13 @@ class Encoder(nn.Module):
         sentence_bert_config.json) that raykit and sentence-transformers write; a plain Hugging Face
         model without them gets ModelConfig's defaults (mean pooling, normalized, 256 tokens).
         """
-        settings = stored_settings(name, revision)
+        stored = stored_settings(name, revision, key="model")
+        settings = {**stored, "prompts": Prompts(**(stored.get("prompts") or prompts or {}))}
         if max_seq_length:
             settings["max_seq_length"] = max_seq_length
-        settings["prompts"] = Prompts(**(settings.get("prompts") or prompts or {}))
-        try:
-            return cls.load(ModelConfig(name=name, revision=revision, trust_remote_code=trust_remote_code, **settings),
-                            max_seq_length)
-        except RaykitError as e:  # outside a train job the model is not at key model.name
-            raise RaykitError(str(e).replace("model.name: ", "model: ", 1).replace("set model.trust", "set trust")) from None
+        # outside a train job the model is named by the `model` key (embed, search)
+        return cls.load(ModelConfig(name=name, revision=revision, trust_remote_code=trust_remote_code, **settings),
+                        max_seq_length, key="model", stored=stored)
 
     def fingerprint(self) -> str:
         """The identity of what this encoder computes: weights, tokenizer, pooling, normalization, max
@@ -247,9 +247,9 @@ class Encoder(nn.Module):
             "similarity_fn_name": "cosine" if self.normalize else "dot", "prompts": self.prompts, "default_prompt_name": None})
 
 
-def stored_settings(name: str, revision: str = "") -> dict:
+def stored_settings(name: str, revision: str = "", key: str = "model.name") -> dict:
     """pooling / normalize / max_seq_length from a sentence-transformers folder (or hub repo), if it has them."""
-    local = resolve_model(name)
+    local = resolve_model(name, key)
 
     def read(file: str):
         path = Path(local, file)
