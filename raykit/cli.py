@@ -1,4 +1,4 @@
-"""`raykit train|tune|embed|search|mine|score|plan|config|jobs ...` (and `python -m raykit`)."""
+"""`raykit train|tune|embed|search|synth|mine|score|plan|config|jobs ...` (and `python -m raykit`)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ def _mine(args) -> None:
     run(_job(args))
 
 
+def _synth(args) -> None:
+    from raykit.train.synth import run
+
+    run(_job(args))
+
+
 def _score(args) -> None:
     from raykit.train.driver import prepare_data
     from raykit.train.score import run
@@ -135,7 +141,7 @@ def _search(args) -> None:
             print(f"  {rank:>3}  {score:.4f}  {doc}")
 
 
-COMMANDS = {"train": _train, "embed": _embed, "mine": _mine, "score": _score, "tune": _tune, "plan": _plan,
+COMMANDS = {"train": _train, "embed": _embed, "synth": _synth, "mine": _mine, "score": _score, "tune": _tune, "plan": _plan,
             "config": _config, "jobs": _jobs, "search": _search}
 
 
@@ -202,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
     job_args(command("embed", "embed a corpus into Parquet shards + manifest (local or s3://)",
                      "raykit embed jobs/reembed_scifact.yaml model=runs/qs/model output=s3://bucket/emb"),
              "jobs/reembed_scifact.yaml", "model=runs/x/model output=s3://bucket/emb")
+    job_args(command("synth", "cold start: make (query, positive) pairs from a corpus alone (model-free, an LM, or an endpoint)",
+                     "raykit synth jobs/scifact_coldstart.yaml synth.generator=doc2query/msmarco-t5-base-v1"),
+             "jobs/scifact_coldstart.yaml", "synth.queries_per_doc=3")
     job_args(command("mine", "mine hard negatives for a train job (writes triplets)",
                      "raykit mine jobs/lora_hardneg_mnr.yaml mine.top_k=100"), "jobs/lora_hardneg_mnr.yaml", "mine.top_k=100")
     job_args(command("score", "add a teacher's scores to a train job's triplets (for distillation)",

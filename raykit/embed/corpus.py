@@ -85,6 +85,12 @@ def plan_fingerprint(shards: list[Shard]) -> str:
 
 def read(shard: Shard) -> tuple[list[str], list[str]]:
     """(ids, texts) of one shard, validated; a document's text is title + " " + text."""
+    ids, titles, bodies = read_parts(shard)
+    return ids, [doc_text(title, text) for title, text in zip(titles, bodies)]
+
+
+def read_parts(shard: Shard) -> tuple[list[str], list[str], list[str]]:
+    """(ids, titles, texts) of one shard, validated; a missing title is ""."""
     if shard.path.endswith(".parquet"):
         return _read_parquet(shard)
     return _read_jsonl(shard)
@@ -126,7 +132,7 @@ def _row_group_ranges(fs, p: str, shown: str, shard_bytes: int) -> list[tuple[in
     return ranges
 
 
-def _read_parquet(shard: Shard) -> tuple[list[str], list[str]]:
+def _read_parquet(shard: Shard) -> tuple[list[str], list[str], list[str]]:
     fs, p = storage.filesystem(shard.path)
 
     def load():
@@ -144,12 +150,12 @@ def _read_parquet(shard: Shard) -> tuple[list[str], list[str]]:
         if i is None or not isinstance(t, str):
             row = sum(pf.metadata.row_group(g).num_rows for g in range(shard.start)) + n + 1
             raise DataError(f"{shard.path}: row {row}: {'id is null' if i is None else 'text is not a string'}")
-    return ids, [doc_text(title, text) for title, text in zip(titles, texts)]
+    return ids, [t if isinstance(t, str) else "" for t in titles], texts
 
 
-def _read_jsonl(shard: Shard) -> tuple[list[str], list[str]]:
+def _read_jsonl(shard: Shard) -> tuple[list[str], list[str], list[str]]:
     data, base = _line_range(shard)
-    ids, texts = [], []
+    ids, titles, texts = [], [], []
     offset = base
     for raw in data.split(b"\n"):
         line_start, offset = offset, offset + len(raw) + 1
@@ -166,8 +172,9 @@ def _read_jsonl(shard: Shard) -> tuple[list[str], list[str]]:
             what = "no 'id' or '_id' field" if _id is None else "'text' is missing or not a string"
             raise DataError(f"{shard.path}:{_line_number(shard, line_start)}: {what}; every line needs id and text")
         ids.append(str(_id))
-        texts.append(doc_text(rec.get("title"), text))
-    return ids, texts
+        titles.append(rec["title"] if isinstance(rec.get("title"), str) else "")
+        texts.append(text)
+    return ids, titles, texts
 
 
 def _line_range(shard: Shard) -> tuple[bytes, int]:

@@ -38,6 +38,9 @@ def load_query_encoder(output: str, model: str, trust_remote_code: bool = False)
     return encoder, committed
 
 
+QUERY_BLOCK = 4096  # queries scored per pass over the shards (mining, the synth round trip)
+
+
 def encode_texts(encoder: Encoder, committed: dict, texts: list[str], role: str = "query", batch_size: int = 64) -> np.ndarray:
     """Embeddings in the stored space (queries, or documents as `role`): same prefix length,
     re-normalized like the documents."""

@@ -18,7 +18,7 @@ import torch
 import raykit.log
 from raykit import identity, storage
 from raykit.cluster import connect_ray, require_shared_storage
-from raykit.config import JobConfig
+from raykit.config import Columns, JobConfig
 from raykit.data import load_beir, load_validation_set, training_set
 from raykit.encoder import check_length, model_config
 from raykit.errors import RaykitError, RunFailed, StorageUnavailable
@@ -30,11 +30,12 @@ from raykit.train.loop import train_fn_per_worker
 log = logging.getLogger(__name__)
 
 # What a training run writes into output_dir: new_run=true removes these, and nothing else there.
-OUTPUTS = ("job.json", "checkpoints", "mined", "scored", "model", "adapter", "metrics.jsonl", "tensorboard", "mlruns",
+OUTPUTS = ("job.json", "checkpoints", "synth", "mined", "scored", "model", "adapter", "metrics.jsonl", "tensorboard", "mlruns",
            "eval.json", "loss_curve.png", "ndcg_by_dim.png", "forgetting.png", "run.json")
 # Settings that change how a run goes, not what it produces: a rerun may change them and resume.
 OPERATIONAL = ("output_dir", "new_run", "run", "train.log_every", "train.checkpoint_every", "train.report_to",
-               "scaling.cpus_per_worker", "eval.batch_size", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
+               "scaling.cpus_per_worker", "eval.batch_size", "synth.output", "synth.concurrency", "synth.num_gpus",
+               "synth.batch_size", "synth.embed.concurrency", "synth.embed.cpus_per_actor", "synth.embed.num_gpus", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
                "mine.embed.num_gpus", "teacher.output", "teacher.concurrency", "teacher.num_gpus")
 
 
@@ -138,12 +139,18 @@ def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, st
 def check(job: JobConfig) -> None:
     """What can be checked before anything is written: the model against the job, the trackers, what mining needs."""
     storage.check_output("output_dir", job.output_dir)
+    if job.synth.enabled and job.synth.output:
+        storage.check_output("synth.output", job.synth.output, folder=False)
     if job.mine.enabled and job.mine.output:
         storage.check_output("mine.output", job.mine.output, folder=False)
     if job.teacher.output:
         storage.check_output("teacher.output", job.teacher.output, folder=False)
     check_model(job)
     tracking.check(job)
+    if job.synth.enabled:
+        from raykit.train import synth
+
+        synth.check(job)
     if job.mine.enabled:
         from raykit.train import mine
 
@@ -163,7 +170,7 @@ def prepare(job: JobConfig, checked: bool = False, claim=lambda: None) -> tuple[
     """
     if not checked:
         check(job)
-    writes_data = job.mine.enabled or (job.loss.distill and job.teacher.model)
+    writes_data = job.synth.enabled or job.mine.enabled or (job.loss.distill and job.teacher.model)
     if writes_data:
         # Mining and scoring run on Ray too. Start it here, dashboard included: Ray Train's
         # placement-group cleaner needs the State API, which a Ray Data-only start leaves out.
@@ -231,17 +238,26 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
 
 
 def prepare_data(job: JobConfig, score: bool = True) -> JobConfig:
-    """The job with data.train pointing at what training reads: mined triplets, then teacher scores
-    (`score=False`: mined only, what `raykit score` scores)."""
+    """The job with data.train pointing at what training reads: synthetic pairs or mined triplets,
+    then teacher scores (`score=False`: mined only, what `raykit score` scores)."""
+    if job.synth.enabled:
+        from raykit.train import synth
+
+        job = _training_on(job, synth.run(job))
     if job.mine.enabled:
         from raykit.train import mine
 
-        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=mine.run(job)))
+        job = _training_on(job, mine.run(job))
     if score and job.loss.distill and job.teacher.model:
         from raykit.train import score as teacher
 
-        job = dataclasses.replace(job, data=dataclasses.replace(job.data, train=teacher.run(job, job.data.train)))
+        job = _training_on(job, teacher.run(job, job.data.train))
     return job
+
+
+def _training_on(job: JobConfig, written: str) -> JobConfig:
+    """The job reading a file raykit wrote: in raykit's own column names, not the user's."""
+    return dataclasses.replace(job, data=dataclasses.replace(job.data, train=written, columns=Columns()))
 
 
 def check_model(job: JobConfig) -> None:

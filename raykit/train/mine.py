@@ -29,9 +29,6 @@ from raykit.errors import RaykitError
 
 log = logging.getLogger(__name__)
 
-QUERY_BLOCK = 4096  # queries scored per pass over the shards
-
-
 def triplets_path(job: JobConfig) -> str:
     return job.mine.output or storage.join(storage.resolve(job.output_dir), "mined", "triplets.jsonl")
 
@@ -90,8 +87,8 @@ def run(job: JobConfig) -> str:
     # 3. Top-k per query, streaming the shards; room for the positives that will be dropped.
     depth = cfg.top_k + max(len(p) for p in positives.values())
     ranked: list[list[tuple[str, float]]] = []
-    for block in range(0, len(qids), QUERY_BLOCK):
-        ranked += search.top_k(store, committed, q_emb[block:block + QUERY_BLOCK], depth)
+    for block in range(0, len(qids), search.QUERY_BLOCK):
+        ranked += search.top_k(store, committed, q_emb[block:block + search.QUERY_BLOCK], depth)
 
     # 4. Negatives per pair.
     rng = np.random.default_rng(job.train.seed)
