@@ -9,6 +9,7 @@ WARNING unless the level is DEBUG (`-v`). Modules log through `logging.getLogger
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -49,3 +50,12 @@ def setup(level: str | int = "INFO") -> None:
 def level() -> int:
     """The level to hand to processes that log for this run (training workers)."""
     return logging.getLogger("raykit").getEffectiveLevel()
+
+
+def duration(seconds: float) -> str:
+    """A duration as progress lines show it: 3m07s, 2h05m ("?" when it cannot be known yet)."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -28,6 +28,7 @@ from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest, stages
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError, RunFailed
+from raykit.log import duration
 
 log = logging.getLogger(__name__)
 
@@ -278,5 +279,5 @@ class _Progress:
         fraction = sum(self.size[n] for n in self.done) / self.total
         eta = elapsed * (1 - fraction) / fraction
         log.info(f"embed {len(self.done)}/{len(self.size)} shards | {written:,} docs | "
-                 f"{written / elapsed:.1f} docs/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
+                 f"{written / elapsed:.1f} docs/s | ETA {duration(eta)}")
 

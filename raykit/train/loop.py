@@ -20,6 +20,7 @@ from raykit.config import JobConfig
 from raykit.data import Beir, negative_count
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
+from raykit.log import duration
 from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
@@ -104,7 +105,7 @@ def train_fn_per_worker(config: dict) -> None:
     state["step"] = step
     state["batches_sha256"] = _gather_across_ranks(digest.value, world)
     run_log.close()
-    log(f"training took {_duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
+    log(f"training took {duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
     after = _evaluate_fine_tuned(state, sets, run_eval, log)
     log("exporting the model")
     final = {"step": step, "done": True, **last_val, **(_flat(after) if after else {})}
@@ -228,7 +229,7 @@ class _Throughput:
 def _progress_line(metrics: dict, total_steps: int, eta: float) -> str:
     step = metrics["step"]
     return (f"step {step}/{total_steps} ({100 * step // total_steps}%) | epoch {metrics['epoch']} | "
-            f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {metrics['pairs_per_s']:.1f} pairs/s | eta {_duration(eta)}")
+            f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {metrics['pairs_per_s']:.1f} pairs/s | eta {duration(eta)}")
 
 
 class _CheckpointCadence:
@@ -255,7 +256,7 @@ class _CheckpointCadence:
         self.totals["count"] += 1
         self.totals["seconds"] += seconds
         self.since = time.perf_counter()
-        return f"checkpoint at step {step}: {seconds:.1f}s, {100 * seconds / max(trained, 1e-9):.1f}% of the {_duration(trained)} trained since the last"
+        return f"checkpoint at step {step}: {seconds:.1f}s, {100 * seconds / max(trained, 1e-9):.1f}% of the {duration(trained)} trained since the last"
 
     def share_line(self, elapsed: float) -> str:
         n, seconds = self.totals["count"], self.totals["seconds"]
@@ -312,11 +313,3 @@ def _rank0_logger(rank: int):
             logger.info(msg)
 
     return log
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -35,6 +35,7 @@ from raykit.data import doc_text
 from raykit.embed import corpus, pipeline, search
 from raykit.encoder import Encoder, check_length, model_config
 from raykit.errors import RaykitError
+from raykit.log import duration
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _generate(job: JobConfig, source: str) -> list[dict]:
     connect_ray(dashboard=False)
     shards = corpus.plan(source, cfg.embed.shard_mb)
     items = [{"shard": json.dumps(s.__dict__)} for s in shards]
-    cutoff = _sample_cutoff(items, cfg.max_docs, job.train.seed) if cfg.max_docs else None
+    total, cutoff = _census(items, cfg.max_docs, job.train.seed)
     docs = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
         _read_docs, fn_kwargs={"cutoff": cutoff, "seed": job.train.seed})
     options = {"queries_per_doc": cfg.queries_per_doc, "seed": job.train.seed}
@@ -139,15 +140,16 @@ def _generate(job: JobConfig, source: str) -> list[dict]:
             compute=ray.data.ActorPoolStrategy(size=_generators(cfg)),
             num_gpus=cfg.num_gpus, num_cpus=0 if cfg.num_gpus else 1, **key)
         what = f"{cfg.generator}" + (f" at {cfg.endpoint}" if cfg.endpoint else "")
-    log.info(f"synth: queries for {f'{cfg.max_docs} documents' if cfg.max_docs else 'every document'} of {source} by {what}")
-    rows, seen, last, started = [], set(), 0.0, time.time()
+    log.info(f"synth: queries for {total} documents of {source} by {what}")
+    rows, done, last, started = [], 0, 0.0, time.time()
     try:
         for batch in made.iter_batches(batch_size=None, batch_format="pandas"):
             rows += batch.to_dict("records")
-            seen.update(batch["positive_id"])
+            done += batch["positive_id"].nunique()  # a batch holds whole documents (a document without queries is not counted)
             if time.time() - last > 10:
-                last = time.time()
-                log.info(f"synth: {len(seen)} documents, {len(rows)} queries | {len(seen) / (last - started):.1f} docs/s")
+                last, rate = time.time(), done / max(1e-9, time.time() - started)
+                log.info(f"synth: {done}/{total} documents | {len(rows)} queries | {rate:.1f} docs/s | "
+                         f"ETA {duration((total - done) / max(rate, 1e-9))}")
     except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
         raise worker_error(e, "synth stopped", "rerun the same command") from None
     rows.sort(key=lambda r: (r["positive_id"], r["query"]))  # one order, whichever actor finished first
@@ -176,19 +178,24 @@ def _doc_key(seed: int, doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()[:8], "little") >> 1
 
 
-def _sample_cutoff(items: list[dict], max_docs: int, seed: int) -> int | None:
-    """The largest key in the sample of `max_docs` documents (those with the smallest keys), or None
-    when the corpus has no more than that. One pass over the corpus that keeps 8 bytes per document."""
+def _census(items: list[dict], max_docs: int, seed: int) -> tuple[int, int | None]:
+    """(documents to make queries for, the largest key in the sample) with max_docs: the sample is the
+    max_docs documents with the smallest keys; its cutoff None when the corpus has no more. One pass
+    over the corpus, counting its documents, and keeping 8 bytes per document for a sample."""
     import ray
 
-    keys_of = ray.remote(num_cpus=1)(_keys)
-    keys = np.concatenate(ray.get([keys_of.remote(item["shard"], seed) for item in items]))
-    return None if len(keys) <= max_docs else int(np.partition(keys, max_docs - 1)[max_docs - 1])
+    found = ray.get([ray.remote(num_cpus=1)(_keys).remote(item["shard"], seed, bool(max_docs)) for item in items])
+    if not max_docs:
+        return sum(found), None
+    keys = np.concatenate(found)
+    if len(keys) <= max_docs:
+        return len(keys), None
+    return max_docs, int(np.partition(keys, max_docs - 1)[max_docs - 1])
 
 
-def _keys(shard: str, seed: int) -> np.ndarray:
+def _keys(shard: str, seed: int, keys: bool) -> np.ndarray | int:
     ids, _ = corpus.read(corpus.Shard(**json.loads(shard)))
-    return np.array([_doc_key(seed, i) for i in ids], dtype=np.int64)
+    return np.array([_doc_key(seed, i) for i in ids], dtype=np.int64) if keys else len(ids)
 
 
 def _read_docs(row: dict, cutoff: int | None, seed: int) -> list[dict]:
