@@ -1,4 +1,4 @@
-"""Job files: YAML and `key=value` overrides in, typed config (raykit/config.py) out.
+"""Job files: YAML and `key=value` overrides in, typed config (raykit/config/) out.
 
 A mistake names its key path and the nearest valid key (`unknown key 'train.lrr' (did you mean
 'train.lr'?)`), so a bad job fails on the laptop, not twenty minutes into a cluster run.

@@ -52,7 +52,7 @@ def level() -> int:
     return logging.getLogger("raykit").getEffectiveLevel()
 
 
-def duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """A duration as progress lines show it: 3m07s, 2h05m ("?" when it cannot be known yet)."""
     if not math.isfinite(seconds):
         return "?"

@@ -28,7 +28,7 @@ from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest, stages
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError, RunFailed
-from raykit.log import duration
+from raykit.log import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -279,5 +279,5 @@ class _Progress:
         fraction = sum(self.size[n] for n in self.done) / self.total
         eta = elapsed * (1 - fraction) / fraction
         log.info(f"embed {len(self.done)}/{len(self.size)} shards | {written:,} docs | "
-                 f"{written / elapsed:.1f} docs/s | ETA {duration(eta)}")
+                 f"{written / elapsed:.1f} docs/s | ETA {format_duration(eta)}")
 

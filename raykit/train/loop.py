@@ -20,7 +20,7 @@ from raykit.config import JobConfig
 from raykit.data import Beir, negative_count
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
-from raykit.log import duration
+from raykit.log import format_duration
 from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
@@ -105,7 +105,7 @@ def train_fn_per_worker(config: dict) -> None:
     state["step"] = step
     state["batches_sha256"] = _gather_across_ranks(digest.value, world)
     run_log.close()
-    log(f"training took {duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
+    log(f"training took {format_duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
     after = _evaluate_fine_tuned(state, sets, run_eval, log)
     log("exporting the model")
     final = {"step": step, "done": True, **last_val, **(_flat(after) if after else {})}
@@ -229,7 +229,7 @@ class _Throughput:
 def _progress_line(metrics: dict, total_steps: int, eta: float) -> str:
     step = metrics["step"]
     return (f"step {step}/{total_steps} ({100 * step // total_steps}%) | epoch {metrics['epoch']} | "
-            f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {metrics['pairs_per_s']:.1f} pairs/s | eta {duration(eta)}")
+            f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {metrics['pairs_per_s']:.1f} pairs/s | eta {format_duration(eta)}")
 
 
 class _CheckpointCadence:
@@ -256,7 +256,7 @@ class _CheckpointCadence:
         self.totals["count"] += 1
         self.totals["seconds"] += seconds
         self.since = time.perf_counter()
-        return f"checkpoint at step {step}: {seconds:.1f}s, {100 * seconds / max(trained, 1e-9):.1f}% of the {duration(trained)} trained since the last"
+        return f"checkpoint at step {step}: {seconds:.1f}s, {100 * seconds / max(trained, 1e-9):.1f}% of the {format_duration(trained)} trained since the last"
 
     def share_line(self, elapsed: float) -> str:
         n, seconds = self.totals["count"], self.totals["seconds"]

@@ -35,7 +35,7 @@ from raykit.data import doc_text
 from raykit.embed import corpus, pipeline, search
 from raykit.encoder import Encoder, check_length, model_config
 from raykit.errors import RaykitError
-from raykit.log import duration
+from raykit.log import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _generate(job: JobConfig, source: str) -> list[dict]:
             if time.time() - last > 10:
                 last, rate = time.time(), done / max(1e-9, time.time() - started)
                 log.info(f"synth: {done}/{total} documents | {len(rows)} queries | {rate:.1f} docs/s | "
-                         f"ETA {duration((total - done) / max(rate, 1e-9))}")
+                         f"ETA {format_duration((total - done) / max(rate, 1e-9))}")
     except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
         raise worker_error(e, "synth stopped", "rerun the same command") from None
     rows.sort(key=lambda r: (r["positive_id"], r["query"]))  # one order, whichever actor finished first
