@@ -212,4 +212,9 @@ def test_bad_synth_input_is_one_line(capsys, tiny_model, tmp_path):
     assert "the synthetic pairs are the training data" in refused(capsys, "train", JOB, *overrides(tiny_model, tmp_path / "run"),
                                                                   "synth.enabled=true", *SYNTH)
     assert "mining reads labelled qrels" in refused(capsys, "train", JOB, *base, "synth.enabled=true", "mine.enabled=true", *SYNTH)
+    # a bad document anywhere in the corpus, found by the census before anything is written
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"_id": "a", "text": "Prime the pump."}\n{"_id": "b"}\n')
+    assert refused(capsys, "synth", JOB, *base, f"synth.corpus={bad}", "synth.filter_top_k=0") == \
+        f"raykit: error: {bad}:2: 'text' is missing or not a string; every line needs id and text"
     assert not (tmp_path / "run").exists()

@@ -29,7 +29,14 @@ import time
 import numpy as np
 
 from raykit import identity, pairs, storage
-from raykit.cluster import actor_count, connect_ray, quiet_ray_data, require_shared_storage, worker_error
+from raykit.cluster import (
+    actor_count,
+    connect_ray,
+    quiet_ray_data,
+    raised_by_raykit,
+    require_shared_storage,
+    worker_error,
+)
 from raykit.config import EmbedJob, JobConfig
 from raykit.data import doc_text
 from raykit.embed import corpus, pipeline, search
@@ -94,8 +101,12 @@ def run(job: JobConfig) -> str:
         return out
     check(job)
     started = time.time()
+    quiet_ray_data()
+    connect_ray(dashboard=False)
+    items = [{"shard": json.dumps(s.__dict__)} for s in corpus.plan(source, cfg.embed.shard_mb)]
+    total, cutoff = _census(items, cfg.max_docs, job.train.seed)  # reads every document: bad input ends here
     identity.record(out + ".job.json", settings)  # before the pairs: they mark the work complete
-    made = _generate(job, source)
+    made = _generate(job, source, items, total, cutoff)
     unique = _deduplicate(made)
     kept = _round_trip(job, source, out, unique) if cfg.filter_top_k else unique
     if not kept:
@@ -116,15 +127,10 @@ def run(job: JobConfig) -> str:
 # --- 1-2. documents to queries, on Ray Data ----------------------------------------------------------
 
 
-def _generate(job: JobConfig, source: str) -> list[dict]:
+def _generate(job: JobConfig, source: str, items: list[dict], total: int, cutoff: int | None) -> list[dict]:
     import ray.data
 
     cfg = job.synth
-    quiet_ray_data()
-    connect_ray(dashboard=False)
-    shards = corpus.plan(source, cfg.embed.shard_mb)
-    items = [{"shard": json.dumps(s.__dict__)} for s in shards]
-    total, cutoff = _census(items, cfg.max_docs, job.train.seed)
     docs = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
         _read_docs, fn_kwargs={"cutoff": cutoff, "seed": job.train.seed})
     options = {"queries_per_doc": cfg.queries_per_doc, "seed": job.train.seed}
@@ -184,7 +190,10 @@ def _census(items: list[dict], max_docs: int, seed: int) -> tuple[int, int | Non
     over the corpus, counting its documents, and keeping 8 bytes per document for a sample."""
     import ray
 
-    found = ray.get([ray.remote(num_cpus=1)(_keys).remote(item["shard"], seed, bool(max_docs)) for item in items])
+    try:
+        found = ray.get([ray.remote(num_cpus=1)(_keys).remote(item["shard"], seed, bool(max_docs)) for item in items])
+    except Exception as e:  # noqa: BLE001 - a bad document: the task's DataError, wrapped by Ray
+        raise raised_by_raykit(e) or e from None
     if not max_docs:
         return sum(found), None
     keys = np.concatenate(found)
