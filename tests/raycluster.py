@@ -151,6 +151,10 @@ def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, s
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
+        # A lost node is known dead after 3 missed health checks 1 s apart, not Ray's 5 at 3 s: a
+        # test-speed setting only (the node-loss test waits on it twice: Ray Train's restart, replace_node).
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
     }
     env.pop("RAY_ADDRESS", None)
     cluster = Cluster(root, env, token, gcs_port=free_port(), dashboard_port=free_port())

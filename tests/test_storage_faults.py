@@ -77,7 +77,11 @@ def once_written(s3_server, bucket: str, prefix: str, fault) -> threading.Thread
     return thread
 
 
-def freeze_then_restart(s3_server, seconds: float = 20.0):
+# Past pyarrow's 10 s request timeout (training's checkpoint uploads), so a call stalls and times out.
+FREEZE_S = 12.0
+
+
+def freeze_then_restart(s3_server, seconds: float = FREEZE_S):
     def fault():
         os.kill(s3_server.server.pid, signal.SIGSTOP)
         fault.frozen = time.time()
@@ -87,13 +91,13 @@ def freeze_then_restart(s3_server, seconds: float = 20.0):
     return fault
 
 
-def test_embed_outlasts_a_20s_freeze_and_a_restart_of_the_store(ray_cluster, s3_server, tiny_model, reference):
+def test_embed_outlasts_a_freeze_and_a_restart_of_the_store(ray_cluster, s3_server, tiny_model, reference):
     bucket = s3_server()
     output = f"s3://{bucket}/emb"
     fault = once_written(s3_server, bucket, "emb", freeze_then_restart(s3_server))
     committed = embed(tiny_model, output)
     fault.join()
-    assert committed["seconds"] > 20  # the run did wait through the outage
+    assert committed["seconds"] > FREEZE_S  # the run did wait through the outage
     assert digests(committed) == digests(reference)
     verify(output, committed)
 
@@ -199,8 +203,8 @@ def test_two_embeds_into_one_output_at_once_commit_at_most_one(ray_cluster, s3_s
     assert shards == {f"emb/{s['path']}" for s in won[0]["shards"]}  # the loser took its files away
 
 
-def test_training_outlasts_a_20s_freeze_and_a_restart_during_checkpoint_uploads(ray_cluster, s3_server, tiny_model, tmp_path):
-    """LoRA checkpoints every step into S3; the store freezes for 20 s once the first is there, then
+def test_training_outlasts_a_freeze_and_a_restart_during_checkpoint_uploads(ray_cluster, s3_server, tiny_model, tmp_path):
+    """LoRA checkpoints every step into S3; the store freezes for 12 s once the first is there, then
     restarts. Ray Train's uploads wait it out: no worker restarts, and the run trains on exactly the
     uninterrupted run's batches."""
     client = s3_server.client
@@ -219,10 +223,10 @@ def test_training_outlasts_a_20s_freeze_and_a_restart_during_checkpoint_uploads(
     started = time.time()
     driver.run(load_job(TRAIN_JOB, args))
     fault.join()
-    assert time.time() - started > 20
+    assert time.time() - started > FREEZE_S
     # the last checkpoint was uploaded after the outage: it waited through it
     last = max((k for k in keys(client, bucket, "run/checkpoints/") if k.endswith("/state.json")))
-    assert client.head_object(Bucket=bucket, Key=last)["LastModified"].timestamp() > outage.frozen + 19
+    assert client.head_object(Bucket=bucket, Key=last)["LastModified"].timestamp() > outage.frozen + FREEZE_S - 1
     local = tmp_path / "run"
     stored = keys(client, bucket, "run/")
     for key in stored:  # the run's files, not its checkpoints nor pyarrow's folder markers

@@ -66,6 +66,18 @@ def _weights_only(checkpoint_engine):
         checkpoint_engine.load = load
 
 
+def _skip_shared_memory_allreduce_build() -> None:
+    """On CPU workers, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce op
+    (`deepspeed_shm_comm`) as it starts: one to two minutes of a core, on every fresh machine or pod.
+    Only DeepSpeed's inference all-reduce (tensor-parallel serving) uses that op; ZeRO training
+    communicates through torch.distributed (gloo). Marked unavailable, it is not built. DeepSpeed keeps
+    one probed dict of compatible ops for the process, and edits to it persist (deepspeed/ops/__init__.py)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 class DeepSpeedTrainee:
     def __init__(self, encoder: Encoder, job: JobConfig, total_steps: int, device: torch.device, bf16: bool):
         import deepspeed
@@ -81,6 +93,8 @@ class DeepSpeedTrainee:
             optimizer_cls = DeepSpeedCPUAdam
         optimizer = adamw(encoder.parameters(), job.train, optimizer_cls)
         scheduler = lr_schedule(optimizer, job.train, total_steps)
+        if device.type == "cpu":
+            _skip_shared_memory_allreduce_build()
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=encoder,
             optimizer=optimizer,

@@ -102,10 +102,17 @@ def train_fn_per_worker(config: dict) -> None:
             if step >= total_steps:
                 break
 
-    state["step"] = step
-    state["batches_sha256"] = _gather_across_ranks(digest.value, world)
     run_log.close()
     log(f"training took {format_duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
+    _finish(trainee, state, step, digest, last_val, sets, run_eval, rank, world, log)
+
+
+def _finish(trainee, state: dict, step: int, digest: BatchDigest, last_val: dict, sets: dict, run_eval, rank: int,
+            world: int, log) -> None:
+    """Evaluate the fine-tuned model, then export it with the run's summary (every rank takes part:
+    ZeRO-3 gathers its shards)."""
+    state["step"] = step
+    state["batches_sha256"] = _gather_across_ranks(digest.value, world)
     after = _evaluate_fine_tuned(state, sets, run_eval, log)
     log("exporting the model")
     final = {"step": step, "done": True, **last_val, **(_flat(after) if after else {})}
