@@ -29,7 +29,7 @@ from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
 from raykit.jobfile import load_job
 from raykit.strategies import build_trainee
-from raykit.train.loop import training_loss
+from raykit.train.loop import training_step
 
 
 def train(job, table, device, bf16):
@@ -44,8 +44,7 @@ def train(job, table, device, bf16):
         for b in range(steps_per_epoch):
             rows = table.take(order[b * job.train.batch_size:(b + 1) * job.train.batch_size]).to_pydict()
             batch = {k: np.asarray(v) if k.endswith("_id") else v for k, v in rows.items()}
-            loss = training_loss(trainee, batch, job, device)
-            trainee.step(loss)
+            loss, _ = training_step(trainee, batch, job, device)
             step += 1
             if step >= total:
                 break

@@ -96,6 +96,7 @@ class Plan:
     distill: bool
     memory: dict[str, float]  # bytes per GPU
     why: str
+    mini_batch_size: int = 0  # loss.mini_batch_size: gradient caching when the batch's activations do not fit
 
 
 def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, domain: str, dims: tuple[int, ...],
@@ -105,9 +106,11 @@ def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, doma
     act = activation_bytes(shape, batch, seq_len, negatives, bf16)
     budget = gpu_mem_gib * GiB * 0.9 if gpu_mem_gib else math.inf  # 10% for the allocator and CUDA context
 
-    def total(strategy, stage, rank=16):
+    texts = batch * (2 + negatives)  # encoded per step: queries, positives, negatives
+
+    def chunk(strategy, stage, rank=16) -> int | None:
         trained = shape.lora_params[rank] if strategy == "lora" else shape.trainable
-        return sum(state_bytes(shape.params, trained, strategy, stage, gpus, bf16).values()) + act
+        return fitting_chunk(sum(state_bytes(shape.params, trained, strategy, stage, gpus, bf16).values()), act, texts, budget)
 
     reasons = []
     if cold:
@@ -121,7 +124,7 @@ def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, doma
             reasons.append("The teacher waits: distillation scores mined triplets, and mining needs labelled queries.")
             teacher = False
     full_wanted = domain == "very" and pairs >= 50_000 and not cold
-    stage = next((s for s in (0, 1, 2, 3) if total("full", s) <= budget), None) if full_wanted else None
+    stage = next((s for s in (0, 1, 2, 3) if chunk("full", s) is not None), None) if full_wanted else None
     if full_wanted and stage is not None:
         strategy, rank = "full", 0
         reasons.append(
@@ -158,10 +161,32 @@ def recommend(shape: ModelShape, gpu_mem_gib: float, gpus: int, pairs: int, doma
         )
     if teacher:
         reasons.append("A cross-encoder teacher's scores transfer its precision through MarginMSE on the mined triplets.")
+    mini_batch = chunk(strategy, stage, rank)
+    if mini_batch:
+        reasons.append(
+            f"The batch's activations ({act / GiB:.1f} GiB) do not fit beside the weights: gradient caching "
+            f"(loss.mini_batch_size {mini_batch}) encodes {mini_batch} texts at a time and keeps the whole batch, and "
+            "its in-batch negatives, for one more forward pass per step."
+        )
     memory = state_bytes(shape.params, shape.lora_params[rank] if strategy == "lora" else shape.trainable, strategy, stage, gpus, bf16)
-    memory["activations"] = act
+    memory["activations"] = act * mini_batch / texts if mini_batch else act
     memory["total"] = sum(memory.values())
-    return Plan(strategy, stage, rank, bool(negatives), matryoshka, teacher, memory, " ".join(reasons))
+    return Plan(strategy, stage, rank, bool(negatives), matryoshka, teacher, memory, " ".join(reasons), mini_batch or 0)
+
+
+# Texts per forward pass below which gradient caching would leave the accelerator mostly idle.
+MIN_CHUNK = 8
+
+
+def fitting_chunk(states: float, act: float, texts: int, budget: float) -> int | None:
+    """loss.mini_batch_size for a step that encodes `texts` texts with activations `act` beside `states`
+    bytes of weights, gradients and optimizer: 0 when the whole batch fits, else the largest power of
+    two whose activations fit (gradient caching), None when not even MIN_CHUNK texts do."""
+    if states + act <= budget:
+        return 0
+    room = (budget - states) / (act / texts)
+    chunk = 2 ** int(math.log2(room)) if room >= 1 else 0
+    return chunk if chunk >= MIN_CHUNK else None
 
 
 # The prompts model families were trained with, from their model cards: without them a base model's
@@ -218,6 +243,8 @@ def job_yaml(plan: Plan, model: str, data: str, ood: str, batch: int, seq_len: i
         job["deepspeed"] = {"zero_stage": plan.zero_stage}
         job["train"]["l2sp"] = 0.01
     loss = {"name": "margin_mse" if plan.distill else "mnr"}
+    if plan.mini_batch_size:
+        loss["mini_batch_size"] = plan.mini_batch_size
     if plan.matryoshka_dims:
         loss["matryoshka_dims"] = list(plan.matryoshka_dims)
     job["loss"] = loss
@@ -283,8 +310,10 @@ def main(args: argparse.Namespace) -> Plan:
     device = f"per GPU ({args.gpus} x {args.gpu_mem:g} GiB, bf16)" if args.gpu_mem else "per CPU worker (fp32)"
     lines = [f"plan: {' + '.join(parts)}", "", plan.why, "", f"memory {device}, batch {args.batch} x {args.seq_len} tokens:"]
     lines += [f"  {name:<12}{value / GiB:8.2f} GiB" for name, value in plan.memory.items()]
+    if plan.mini_batch_size:
+        lines.append(f"  (activations with gradient caching, {plan.mini_batch_size} texts per forward pass: loss.mini_batch_size)")
     if args.gpu_mem and plan.memory["total"] > args.gpu_mem * GiB:
-        lines.append(f"  does not fit {args.gpu_mem:g} GiB: lower --batch or --seq-len")
+        lines.append(f"  does not fit {args.gpu_mem:g} GiB even {MIN_CHUNK} texts at a time: lower --seq-len, or use more GPUs")
     prompts, about_prompts = suggest_prompts(args.model)
     lines += ["", about_prompts]
     log.info("\n".join(lines))

@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -151,3 +154,73 @@ def test_margin_mse_and_kl_match_their_definitions():
     torch.testing.assert_close(kl_loss(q, p, n, tp, tn, scale=20.0, temperature=2.0), expected_kl)
     # a student whose margins equal the teacher's has zero MarginMSE
     assert margin_mse_loss(q, p, n, sp.detach(), sn.detach(), scale=20.0) < 1e-8
+
+
+# --- gradient caching (loss.mini_batch_size) ----------------------------------------------------------
+
+def _cache_batch(rank: int) -> dict:
+    """4 rows per worker with one hard negative each; a document shared across the two workers."""
+    from helpers import QUICKSTART
+
+    docs = [json.loads(line)["text"] for line in (QUICKSTART / "corpus.jsonl").read_text().splitlines()[:24]]
+    rows = range(4 * rank, 4 * rank + 4)
+    return {
+        "query": [docs[i][:60] for i in rows], "query_id": [i for i in rows],
+        "positive": [docs[i] for i in rows], "positive_id": [100 + i for i in rows],
+        "negative_0": [docs[8 + i] if i != 5 else docs[1] for i in rows], "negative_id_0": [200 + i if i != 5 else 101 for i in rows],
+    }
+
+
+def _cache_worker(rank: int, tiny_model: str, out: str, strategy: list) -> None:
+    import os
+    from dataclasses import replace
+
+    from helpers import TRAIN_JOB, train_overrides
+
+    from raykit.encoder import Encoder
+    from raykit.jobfile import load_job
+    from raykit.strategies import build_trainee
+    from raykit.train.loop import backward_batch, training_step
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    job = load_job(TRAIN_JOB, train_overrides(tiny_model, out, *strategy, "loss.matryoshka_dims=[16,32]", "train.l2sp=0.1"))
+    results = {}
+    # the whole batch at once; chunks of 3 texts (4 queries: a chunk of 3, one of 1); chunks of 3 with
+    # gradient checkpointing
+    for way, chunk, checkpointing in (("whole", 0, False), ("cached", 3, False), ("cached+checkpointed", 3, True)):
+        run = replace(job, loss=replace(job.loss, mini_batch_size=chunk),
+                      train=replace(job.train, gradient_checkpointing=checkpointing))
+        torch.manual_seed(0)
+        trainee = build_trainee(Encoder.load(run.model), run, 10, torch.device("cpu"), False)
+        assert all(m.training for m in trainee.encoder.modules())
+        for module in trainee.encoder.modules():  # no dropout (the ways draw different masks), still training
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if "lora.rank=4" in strategy:  # DDP: the reduced gradients themselves
+            loss = backward_batch(trainee, _cache_batch(rank), run, torch.device("cpu"))
+            grads = {n: p.grad.clone() for n, p in trainee.encoder.named_parameters() if p.grad is not None}
+            results[way] = (loss.detach(), grads)
+        else:  # ZeRO-2 partitions its gradients: their global norm, and the weights after the step
+            loss, norm = training_step(trainee, _cache_batch(rank), run, torch.device("cpu"))
+            results[way] = (loss.detach(), {"norm": torch.tensor(norm),
+                                              **{n: p.detach().clone() for n, p in trainee.encoder.named_parameters()}})
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("strategy", [["lora.rank=4"], ["train.strategy=full", "deepspeed.zero_stage=2"]], ids=["lora", "zero2"])
+def test_gradient_caching_gives_the_whole_batchs_loss_and_gradients_on_two_workers(tiny_model, tmp_path, strategy):
+    """loss.mini_batch_size: each worker embeds its batch 3 texts at a time, without graphs; the loss
+    (in-batch negatives gathered across the 2 gloo workers, a hard negative, Matryoshka, L2-SP) is
+    taken on all embeddings, then each chunk runs again with its embeddings' gradients. Loss and
+    gradients equal the whole batch's at once, and so with gradient checkpointing on."""
+    run_two(_cache_worker, tiny_model, str(tmp_path), strategy)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        loss, whole = results["whole"]
+        assert any(g.abs().sum() > 0 for g in whole.values())
+        for way in ("cached", "cached+checkpointed"):
+            cached_loss, cached = results[way]
+            torch.testing.assert_close(cached_loss, loss, atol=1e-6, rtol=1e-5)
+            assert whole.keys() == cached.keys() and len(whole) > 1
+            for name in whole:
+                torch.testing.assert_close(cached[name], whole[name], atol=1e-6, rtol=1e-4, msg=f"{way}: {name}")

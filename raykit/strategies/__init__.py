@@ -19,7 +19,9 @@ class Trainee(Protocol):
     module: torch.nn.Module  # what the forward pass runs through (DDP or a DeepSpeed engine)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-    def step(self, loss: torch.Tensor) -> float: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def accumulating(self): ...  # backward passes inside add up; reduced across workers with the next outside
+    def step(self, loss: torch.Tensor | None) -> float: ...  # None: the gradients are in place
     @property
     def lr(self) -> float: ...
     def save_state(self, path: str, rank: int) -> None: ...
@@ -42,6 +44,12 @@ class Anchor:
 
 
 def build_trainee(encoder: Encoder, job: JobConfig, total_steps: int, device: torch.device, bf16: bool) -> Trainee:
+    # Training mode from the first step (dropout on, as sentence-transformers trains): a loaded model is in
+    # eval mode, and before this only a run that evaluated the base first trained in training mode.
+    encoder.train()
+    if job.train.gradient_checkpointing:
+        # non-reentrant: exact gradients, with frozen inputs (LoRA) and under DeepSpeed alike
+        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if job.train.strategy == "lora":
         from raykit.strategies.lora import LoraTrainee
 

@@ -110,8 +110,23 @@ class DeepSpeedTrainee:
     def __call__(self, batch):
         return self.module(**batch)
 
-    def step(self, loss: torch.Tensor) -> float:
+    @contextlib.contextmanager
+    def accumulating(self):
+        """Backward passes whose gradients add up before the boundary's (DeepSpeed's manual gradient
+        accumulation: ZeRO-2/3 partition gradients as they come, so DeepSpeed's no_sync is not theirs)."""
+        self.module.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.module.set_gradient_accumulation_boundary(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss)
+
+    def step(self, loss: torch.Tensor | None) -> float:
+        """Back-propagate `loss` (None: the gradients are in place) and update the weights."""
+        if loss is not None:
+            self.backward(loss)
         self.module.step()  # clips, steps the optimizer and the schedule, zeroes grads
         norm = self.module.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

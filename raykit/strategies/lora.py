@@ -86,8 +86,17 @@ class LoraTrainee:
         with autocast:
             return self.module(**batch)
 
-    def step(self, loss: torch.Tensor) -> float:
+    def accumulating(self):
+        """Backward passes whose gradients add up, reduced across workers with the next one outside."""
+        return self.module.no_sync() if self.module is not self.encoder else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def step(self, loss: torch.Tensor | None) -> float:
+        """Back-propagate `loss` (None: the gradients are in place) and update the weights."""
+        if loss is not None:
+            self.backward(loss)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()

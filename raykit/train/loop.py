@@ -24,7 +24,7 @@ from raykit.log import format_duration
 from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
-from raykit.train import checkpoints
+from raykit.train import checkpoints, gradcache
 from raykit.train.batches import BatchDigest, epoch_batches, take
 from raykit.train.tracking import RunLog
 
@@ -71,8 +71,7 @@ def train_fn_per_worker(config: dict) -> None:
         for rows in batches[done_in_epoch:]:  # a resumed run starts at the step its checkpoint holds
             batch = take(table, rows)
             digest.update(batch)
-            loss = training_loss(trainee, batch, job, device)
-            grad_norm = trainee.step(loss)
+            loss, grad_norm = training_step(trainee, batch, job, device)
             step += 1
             meter.steps += 1
 
@@ -120,17 +119,45 @@ def _finish(trainee, state: dict, step: int, digest: BatchDigest, last_val: dict
     checkpoints.save(trainee, state, rank, world, step, final, digest.value, export=True, evaluation=evaluation)
 
 
-def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
-    """Encode one batch of (query, positive, k negatives) rows and score it with the job's loss."""
-    encoder = trainee.encoder
+def training_step(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.Tensor, float]:
+    """One optimizer step on one batch; returns (loss, gradient norm)."""
+    loss = backward_batch(trainee, batch, job, device)
+    return loss, trainee.step(None)
+
+
+def backward_batch(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
+    """Encode one batch of (query, positive, k negatives) rows, score it with the job's loss and
+    back-propagate: the whole batch at once, or in chunks of loss.mini_batch_size (gradient caching,
+    the same loss and gradients). Returns the loss."""
+    encoder, chunk = trainee.encoder, job.loss.mini_batch_size
+    inputs = _encoder_inputs(batch)
+    loss_on = _loss_on_embeddings(batch, job, device)
+    extra = (lambda: job.train.l2sp * trainee.drift()) if job.train.l2sp else None
+    if chunk and chunk < len(batch["query"]):
+        groups = [[_tokens(encoder, texts[i:i + chunk], role, device) for i in range(0, len(texts), chunk)]
+                  for texts, role in inputs]
+        return gradcache.cached_backward(trainee, groups, loss_on, extra)
+    loss = loss_on(*(trainee(_tokens(encoder, texts, role, device)) for texts, role in inputs))
+    if extra is not None:
+        loss = loss + extra()
+    trainee.backward(loss)
+    return loss
+
+
+def _encoder_inputs(batch: dict) -> list[tuple[list[str], str]]:
+    """(texts, role) per forward pass: queries, positives, then all k*B negatives in one (negative j of
+    every row, for j = 0..k-1)."""
+    inputs = [(list(batch["query"]), "query"), (list(batch["positive"]), "document")]
+    if k := negative_count(batch):
+        inputs.append(([t for j in range(k) for t in batch[f"negative_{j}"]], "document"))
+    return inputs
+
+
+def _loss_on_embeddings(batch: dict, job: JobConfig, device):
+    """The job's loss as a function of the batch's embeddings: queries (B, H), positives (B, H) and,
+    when the rows have k negatives, the negatives as `_encoder_inputs` orders them (k*B, H)."""
     k = negative_count(batch)
-    queries = trainee(_tokens(encoder, batch["query"], "query", device))  # (B, H)
-    positives = trainee(_tokens(encoder, batch["positive"], "document", device))  # (B, H)
-    negatives = negative_ids = None
-    if k:  # all k*B negatives in one forward pass, then back to (B, k, H)
-        texts = [t for j in range(k) for t in batch[f"negative_{j}"]]
-        negatives = trainee(_tokens(encoder, texts, "document", device)).reshape(k, len(queries), -1).transpose(0, 1)
-        negative_ids = torch.stack([torch.tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device)  # (B, k)
+    negative_ids = torch.stack([torch.tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device) if k else None  # (B, k)
     query_ids = torch.tensor(batch["query_id"], device=device)
     positive_ids = torch.tensor(batch["positive_id"], device=device)
     cfg = job.loss
@@ -144,13 +171,14 @@ def training_loss(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
             return margin_mse_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale)
         return kl_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale, temperature=cfg.temperature)
 
-    embeddings = (queries, positives, negatives)
-    if cfg.matryoshka_dims:
-        loss = matryoshka_loss(loss_on, embeddings, cfg.matryoshka_dims, cfg.matryoshka_weights)
-    else:
-        loss = loss_on(*embeddings)
-    if job.train.l2sp:
-        loss = loss + job.train.l2sp * trainee.drift()
+    def loss(queries, positives, negatives=None):
+        if negatives is not None:  # (k*B, H) -> (B, k, H)
+            negatives = negatives.reshape(k, len(queries), -1).transpose(0, 1)
+        embeddings = (queries, positives, negatives)
+        if cfg.matryoshka_dims:
+            return matryoshka_loss(loss_on, embeddings, cfg.matryoshka_dims, cfg.matryoshka_weights)
+        return loss_on(*embeddings)
+
     return loss
 
 
