@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-memory bench-coldstart bench-train bench-quality bench-embed bench-strategies bench-sweep clean
+.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-memory bench-gradcache bench-coldstart bench-train bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-outage: install
 
 bench-memory: install
 	$(PY) bench/driver_memory.py
+
+bench-gradcache: install
+	$(PY) bench/gradcache.py
 
 bench-coldstart: install
 	$(PY) bench/coldstart.py

@@ -1,5 +1,6 @@
 """Gradient caching on CPU: a LoRA step at batch 512 (in-batch negatives) with loss.mini_batch_size 32,
-against the plain step at batch 32 and the plain step at batch 512, in one run.
+against the plain step at batch 32, in one run. (The plain step at batch 512 does not fit a 24 GiB
+machine at 128 tokens: the kernel's OOM killer ended it, so it is not run here.)
 
 Each way runs in its own process (one CPU worker, no Ray: raykit's per-worker code, `training_step`),
 all-MiniLM-L6-v2 on SciFact's training pairs at 128 tokens, fp32. The figures: the process's peak
@@ -23,7 +24,6 @@ MiB = 2**20
 WAYS = [  # (name, batch, loss.mini_batch_size, measured steps)
     ("plain, batch 32", 32, 0, 8),
     ("GradCache, batch 512, chunks of 32", 512, 32, 1),
-    ("plain, batch 512", 512, 0, 1),
 ]
 
 
@@ -77,11 +77,11 @@ def main() -> None:
         result = {"way": name, **json.loads(line[len("RESULT "):])}
         print(f"  {result['pairs_per_s']:.1f} pairs/s, peak {result['peak_mib_above_model']:.0f} MiB above the model", flush=True)
         results.append(result)
-    plain, cached, plain_big = results
+    plain, cached = results
     rows = [f"| {r['way']} | {r['pairs_per_s']:.1f} | {r['peak_mib_above_model']:.0f} |" for r in results]
     summary = (f"GradCache at batch 512 trains at {cached['pairs_per_s'] / plain['pairs_per_s']:.2f}x the pairs/s of plain "
-               f"batch 32 with {cached['peak_mib_above_model'] / plain['peak_mib_above_model']:.2f}x its memory; plain batch 512 "
-               f"needs {plain_big['peak_mib_above_model'] / cached['peak_mib_above_model']:.1f}x GradCache's memory.")
+               f"batch 32 with {cached['peak_mib_above_model'] / plain['peak_mib_above_model']:.2f}x its memory: 16x the "
+               "in-batch negatives for the memory of batch 32.")
     print(summary)
     markdown = "\n".join([
         f"LoRA, all-MiniLM-L6-v2, SciFact pairs, 128 tokens, fp32, one CPU worker ({cpu}):", "",
