@@ -13,6 +13,7 @@ measured steps after one warm-up step.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def one_way(batch: int, chunk: int, steps: int) -> dict:
     from raykit.strategies import build_trainee
     from raykit.train.loop import training_step
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     job = load_job(REPO / "jobs" / "scifact_lora.yaml", [f"data.train={SCIFACT}", f"train.batch_size={batch}",
                                                          f"loss.mini_batch_size={chunk}", "model.max_seq_length=128",
                                                          "train.precision=fp32", "train.l2sp=0"])
