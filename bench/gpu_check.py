@@ -27,29 +27,44 @@ from raykit.config import DataConfig
 from raykit.data import load_beir, load_training_set
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
+from raykit.flops import ModelFlops, mfu, peak_flops
 from raykit.jobfile import load_job
 from raykit.strategies import build_trainee
 from raykit.train.loop import training_step
 
+WARMUP_STEPS = 3  # left out of pairs/s and MFU: allocator and kernel warm-up
+
 
 def train(job, table, device, bf16):
+    """Train `job` in this process; returns (trainee, last loss, s/step, pairs/s, MFU) with MFU counted as
+    raykit's progress line counts it (raykit/flops.py; None where the device's peak is unknown)."""
     steps_per_epoch = table.num_rows // job.train.batch_size
     total = job.train.max_steps or steps_per_epoch * job.train.epochs
     torch.manual_seed(job.train.seed)
-    trainee = build_trainee(Encoder.load(job.model), job, total, device, bf16)
+    encoder = Encoder.load(job.model)
+    model_flops = ModelFlops(encoder.model, encoder.model.config)
+    trainee = build_trainee(encoder, job, total, device, bf16)
     rng = np.random.default_rng(job.train.seed)
-    step, started = 0, time.perf_counter()
+    step, started, flops = 0, time.perf_counter(), 0.0
     while step < total:
         order = rng.permutation(table.num_rows)
         for b in range(steps_per_epoch):
             rows = table.take(order[b * job.train.batch_size:(b + 1) * job.train.batch_size]).to_pydict()
             batch = {k: np.asarray(v) if k.endswith("_id") else v for k, v in rows.items()}
-            loss, _ = training_step(trainee, batch, job, device)
+            loss, _, lengths = training_step(trainee, batch, job, device)
             step += 1
+            if step == WARMUP_STEPS:
+                torch.cuda.synchronize()
+                started, flops = time.perf_counter(), 0.0
+            elif step > WARMUP_STEPS:
+                flops += model_flops.training(lengths, frozen_base=job.train.strategy == "lora")
             if step >= total:
                 break
     torch.cuda.synchronize()
-    return trainee, float(loss), (time.perf_counter() - started) / total
+    seconds = time.perf_counter() - started
+    timed = max(total - WARMUP_STEPS, 1)
+    used = mfu(flops, seconds, peak_flops(device, bf16, job.scaling.peak_tflops))
+    return trainee, float(loss), seconds / timed, timed * job.train.batch_size / seconds, used
 
 
 def main():
@@ -88,7 +103,7 @@ def main():
                   ["train.strategy=full", "deepspeed.zero_stage=3", "train.lr=3e-5"]):
         job = load_job(None, base + extra + [f"train.max_steps={args.steps}", f"train.precision={'bf16' if cuda else 'fp32'}"])
         torch.cuda.reset_peak_memory_stats()
-        trainee, loss, step_s = train(job, table, device, bf16=cuda)
+        trainee, loss, step_s, pairs_s, used = train(job, table, device, bf16=cuda)
         peak = torch.cuda.max_memory_allocated() / 2**20
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             trained = trainee.encoder.encode(probe, 32, device, trainee.module, role="document")
@@ -99,7 +114,8 @@ def main():
             saved = safetensors.torch.load_file(os.path.join(tmp, "model", "model.safetensors"))
             dtype = str(next(iter(saved.values())).dtype)
         cos = F.cosine_similarity(trained, again).min().item()
-        report["checks"].append({"job": " ".join(extra), "loss": loss, "ms_per_step": 1000 * step_s, "peak_mib": peak,
+        report["checks"].append({"job": " ".join(extra), "loss": loss, "ms_per_step": 1000 * step_s, "pairs_per_s": pairs_s,
+                                 "mfu": used, "peak_mib": peak,
                                  "export_min_cosine": cos, "saved_dtype": dtype, "ok": bool(np.isfinite(loss) and cos > 0.99)})
         print(report["checks"][-1], flush=True)
         del trainee
@@ -134,7 +150,7 @@ def main():
             break
         job = load_job(None, base + [f"train.strategy={strategy}", f"train.lr={lr}", f"train.epochs={epochs}",
                                      "train.precision=fp32", "lora.target_modules=[query,key,value,dense]", *extra])
-        trainee, loss, step_s = train(job, table, device, bf16=False)
+        trainee, loss, step_s, _, _ = train(job, table, device, bf16=False)
         res = evaluate(trainee.encoder, test, DIMS, 256, device, trainee.module)
         report["scan"].append({"config": f"{strategy} lr={lr:g} epochs={epochs} {' '.join(extra)}".strip(),
                                "ndcg@10": {d: m["ndcg@10"] for d, m in res.items()}, "ms_per_step": 1000 * step_s})

@@ -111,6 +111,9 @@ def check_run(out: Path, tiny_model: str, strategy: str) -> tuple[dict, list[dic
     after = evaluation["after"]["32"]["ndcg@10"]
     assert f"| 32 | {evaluation['before']['32']['ndcg@10']:.4f} | {after:.4f} |" in card
     assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    throughput = summary["throughput"]  # no accelerator peak known on a CPU: no MFU
+    assert throughput["pairs_per_s"] > 0 and throughput["flops_per_pair"] > 0
+    assert throughput["mfu"] is None or summary["config"]["scaling"]["peak_tflops"]
     return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

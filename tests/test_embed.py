@@ -63,7 +63,7 @@ def other_model(tiny_model, tmp_path_factory) -> str:
 def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_cluster, s3_server, tiny_model, capsys):
     bucket = s3_server()
     output = f"s3://{bucket}/emb/v1"
-    committed = run(job(tiny_model, output, "embed.concurrency=2"))
+    committed = run(job(tiny_model, output, "embed.concurrency=2", "embed.peak_tflops=0.001"))
     out = capsys.readouterr().out
 
     # The manifest: every shard with its rows and the sha256 of the object as stored.
@@ -78,6 +78,17 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
     assert stored["embedding"] == {"dim": 32, "dtype": "float32", "normalized": True, "precision": "fp32", "ran_in": ["fp32"],
                                    "id_column": "id", "column": "embedding"}
     assert "[raykit] embed 4/4 shards" in out and "committed 240 rows in 4 shards" in out
+    # Each encoder actor's docs/s and MFU: their FLOPs add up to the corpus' forward passes (its real tokens)
+    from raykit.flops import ModelFlops
+
+    actors = stored["actors"]
+    assert 1 <= len(actors) <= 2 and sum(a["docs"] for a in actors) == 240
+    assert all(a["docs_per_s"] > 0 and a["mfu"] > 0 for a in actors)
+    tokenized = encoder.tokenizer(_corpus_texts(), truncation=True, max_length=MAX_LEN)["input_ids"]
+    lengths = torch.tensor([len(t) for t in tokenized])
+    expected = ModelFlops(encoder.model, encoder.model.config).forward(lengths)
+    assert sum(a["mfu"] * a["busy_s"] * 1e9 for a in actors) == pytest.approx(expected, rel=0.01)
+    assert sum(f"encoder {a['actor']}: {a['docs']} docs" in out for a in actors) == len(actors) and "MFU" in out
     for secret in S3_ENV.values():  # no credential in what we print or store
         assert secret not in out or secret == "us-east-1"
         assert secret not in json.dumps(stored) or secret == "us-east-1"
@@ -90,10 +101,20 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
 
     # A rerun of a committed job is a no-op: nothing rewritten.
     before = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert run(job(tiny_model, output, "embed.concurrency=2")) == committed
+    assert run(job(tiny_model, output, "embed.concurrency=2", "embed.peak_tflops=0.001")) == committed
     assert "already committed" in capsys.readouterr().out
     after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert after == before
+
+
+def _corpus_texts() -> list[str]:
+    """The quickstart corpus as raykit embeds it: title and text joined (raykit/embed/corpus.py)."""
+    from raykit.embed import corpus
+
+    texts = []
+    for shard in corpus.plan(str(QUICKSTART), SHARD_MB):
+        texts += corpus.read(shard)[1]
+    return texts
 
 
 E5 = {"query": "query: ", "document": "passage: "}

@@ -197,11 +197,11 @@ def _cache_worker(rank: int, tiny_model: str, out: str, strategy: list) -> None:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         if "lora.rank=4" in strategy:  # DDP: the reduced gradients themselves
-            loss = backward_batch(trainee, _cache_batch(rank), run, torch.device("cpu"))
+            loss, _ = backward_batch(trainee, _cache_batch(rank), run, torch.device("cpu"))
             grads = {n: p.grad.clone() for n, p in trainee.encoder.named_parameters() if p.grad is not None}
             results[way] = (loss.detach(), grads)
         else:  # ZeRO-2 partitions its gradients: their global norm, and the weights after the step
-            loss, norm = training_step(trainee, _cache_batch(rank), run, torch.device("cpu"))
+            loss, norm, _ = training_step(trainee, _cache_batch(rank), run, torch.device("cpu"))
             results[way] = (loss.detach(), {"norm": torch.tensor(norm),
                                               **{n: p.detach().clone() for n, p in trainee.encoder.named_parameters()}})
     torch.save(results, f"{out}/rank{rank}.pt")

@@ -44,7 +44,8 @@ def lora_run(ray_cluster, tiny_model, tmp_path_factory) -> Path:
     args = overrides(tiny_model, out, "lora.rank=4", "train.lr=1e-2", "train.eval_every=2", "mine.enabled=true", *MINE,
                      *PROMPTS,
                      "loss.matryoshka_dims=[16,32]", f"eval.ood_data={QUICKSTART}", "eval.ood_split=train",
-                     "eval.max_ood_drop=0.5", "train.report_to=[tensorboard,mlflow]", "train.checkpoint_every=0.1s")
+                     "eval.max_ood_drop=0.5", "train.report_to=[tensorboard,mlflow]", "train.checkpoint_every=0.1s",
+                     "scaling.peak_tflops=0.001")
     assert main(["train", JOB, *args]) == 0
     return out
 
@@ -63,6 +64,11 @@ def test_lora_on_mined_hard_negatives_with_matryoshka_the_forgetting_guard_and_t
     assert (lora_run / "ndcg_by_dim.png").stat().st_size > 0 and (lora_run / "forgetting.png").stat().st_size > 0
     assert [m["step"] for m in metrics if "ndcg@10/32" in m] == [2]  # train.eval_every
     check_trackers(lora_run, metrics)
+    # MFU against the job's peak (0.001 TFLOPS per worker): on every progress line, and the run's as a whole
+    assert all(m["mfu"] > 0 for m in metrics)
+    throughput = summary["throughput"]
+    assert throughput["peak_tflops_per_worker"] == 0.001 and throughput["flops_per_pair"] > 0
+    assert throughput["mfu"] == pytest.approx(throughput["pairs_per_s"] * throughput["flops_per_pair"] / (2 * 1e9), rel=0.01)
 
 
 def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positives(lora_run, tiny_model, tmp_path):

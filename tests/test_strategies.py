@@ -141,3 +141,33 @@ def test_deepspeed_state_round_trips_and_loads_no_pickled_code(tiny_model, tmp_p
                 again.load_state(str(tmp_path / str(bf16)))
     finally:
         dist.destroy_process_group()
+
+
+def test_lora_evaluates_with_the_adapters_merged_and_the_base_restored_bit_for_bit(tiny_model):
+    """Evaluation runs the plain model's forward (adapters merged into the weights); after it the frozen
+    base is exactly what it was (peft's unmerge alone rounds), and training goes on from the adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    from raykit.config import JobConfig
+    from raykit.strategies.lora import LoraTrainee
+
+    job = JobConfig(model=ModelConfig(name=tiny_model), lora=LoraConfig(rank=4, alpha=8, dropout=0.0))
+    trainee = LoraTrainee(Encoder.load(job.model), job, total_steps=10, device=torch.device("cpu"), bf16=False)
+    with torch.no_grad():
+        for n, p in trainee.encoder.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    trainee.encoder.eval()
+    base = {n: p.detach().clone() for n, p in trainee.encoder.named_parameters() if "lora_" not in n}
+    adapted = trainee.encoder.encode(TEXTS, role="document")
+    with trainee.evaluating():
+        layers = [m for m in trainee.encoder.modules() if isinstance(m, LoraLayer)]
+        assert layers and all(m.merged for m in layers)
+        torch.testing.assert_close(trainee.encoder.encode(TEXTS, role="document"), adapted, atol=1e-5, rtol=1e-4)
+    assert not any(m.merged for m in layers)
+    for n, p in trainee.encoder.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    trainee.encoder.train()
+    trainee.step(trainee(trainee.encoder.tokenize(TEXTS, role="document")).sum())
+    assert all(torch.equal(p, base[n]) for n, p in trainee.encoder.named_parameters() if "lora_" not in n)

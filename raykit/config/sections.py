@@ -227,10 +227,14 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: int = 1  # also sets each worker's torch threads
+    # one worker's accelerator peak, TFLOPS at the precision it trains in, for MFU (raykit/flops.py);
+    # 0 = raykit's table of GPUs (H100, A100, L4, ...); a device it does not know reports no MFU
+    peak_tflops: float = 0.0
 
     def __post_init__(self):
         positive("scaling.num_workers", self.num_workers)
         positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        not_negative("scaling", self, ("peak_tflops",))
 
 
 @dataclass(frozen=True)

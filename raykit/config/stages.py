@@ -22,6 +22,7 @@ class EmbedConfig:
     # auto = bf16 where it is fast (GPUs with bf16, CPUs with AMX; raykit/precision.py), else fp32 |
     # bf16 | fp32. bf16 embeddings match fp32 to cosine > 0.9999; the manifest records what ran.
     precision: str = "auto"
+    peak_tflops: float = 0.0  # one encoder actor's accelerator peak for MFU, as scaling.peak_tflops
 
     def __post_init__(self):
         choice("embed.dtype", self.dtype, ("float32", "float16"))
@@ -29,7 +30,7 @@ class EmbedConfig:
         positive("embed.batch_size", self.batch_size)
         positive("embed.shard_mb", self.shard_mb)
         positive("embed.cpus_per_actor", self.cpus_per_actor)
-        not_negative("embed", self, ("dim", "concurrency", "num_gpus", "batch_tokens"))
+        not_negative("embed", self, ("dim", "concurrency", "num_gpus", "batch_tokens", "peak_tflops"))
 
 
 @dataclass(frozen=True)

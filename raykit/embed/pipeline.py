@@ -28,6 +28,7 @@ from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest, stages
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError, RunFailed
+from raykit.flops import mfu
 from raykit.log import format_duration
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def run(job: EmbedJob) -> dict:
                 id_hashes[row["name"]] = np.frombuffer(row["id_hashes"], dtype=np.int64)
                 written += row["rows"]
                 progress.update(row["name"], written)
+                progress.add_work(row)
         except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
             raise worker_error(e, "embedding stopped",
                                "the shards written so far are kept: rerun the same command to write the rest") from None
@@ -109,6 +111,12 @@ def run(job: EmbedJob) -> dict:
     _refuse_duplicate_ids(shards, id_hashes)
     seconds = time.time() - started
     new = _manifest(job, source, shards, records, identity, settings, started, seconds)
+    if todo:
+        new["actors"] = progress.actors()  # this attempt's encoder actors: docs/s while busy, MFU
+        for actor in new["actors"]:
+            used = f" | MFU {100 * actor['mfu']:.1f}%" if actor["mfu"] is not None else ""
+            log.info(f"encoder {actor['actor']}: {actor['docs']:,} docs in {actor['busy_s']:.1f} s busy | "
+                     f"{actor['docs_per_s']:.1f} docs/s{used}")
     _commit(output, new, replacing, [r["path"] for r in records.values() if r["path"].endswith(f"-{attempt}.parquet")])
     rate = written / seconds if seconds else 0.0
     log.info(f"committed {new['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
@@ -149,6 +157,7 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
             "batch_tokens": cfg.batch_tokens,
             "precision": cfg.precision,
             "threads": max(1, round(cfg.cpus_per_actor)),
+            "peak_tflops": cfg.peak_tflops,
         },
         batch_size=1,  # one shard per call; the actor batches its documents itself
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -267,6 +276,19 @@ class _Progress:
         self.total = sum(self.size.values()) or 1
         self.done: set[str] = set()
         self.started, self.last = started, 0.0
+        self.work: dict[str, dict] = {}  # per encoder actor: docs, seconds busy, FLOPs, peak
+
+    def add_work(self, row: dict) -> None:
+        work = self.work.setdefault(str(row["actor"]), {"docs": 0, "busy_s": 0.0, "flops": 0.0, "peak": float(row["peak"])})
+        work["docs"] += int(row["rows"])
+        work["busy_s"] += float(row["busy_s"])
+        work["flops"] += float(row["flops"])
+
+    def actors(self) -> list[dict]:
+        """Each encoder actor's docs/s while it was busy and its MFU (None: its device's peak is unknown)."""
+        return [{"actor": actor, "docs": w["docs"], "busy_s": round(w["busy_s"], 6),
+                 "docs_per_s": round(w["docs"] / max(w["busy_s"], 1e-9), 1),
+                 "mfu": mfu(w["flops"], w["busy_s"], w["peak"] or None)} for actor, w in sorted(self.work.items())]
 
     def update(self, name: str, written: int) -> None:
         self.done.add(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import time
 
 import numpy as np
 
@@ -62,10 +63,14 @@ class EncodeShards:
     """An encoder actor: loads the model once, checks it is the driver's, embeds one shard per call."""
 
     def __init__(self, model, max_seq_length, prompts, revision, trust_remote_code, fingerprint, dim, dtype, batch_size,
-                 batch_tokens, precision, threads):
+                 batch_tokens, precision, threads, peak_tflops=0.0):
+        import os
+        import socket
+
         import torch
 
         from raykit.encoder import Encoder
+        from raykit.flops import ModelFlops, peak_flops
         from raykit.precision import use_bf16
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,11 +87,17 @@ class EncodeShards:
         # Tokens per batch bound the activations: on a CPU a batch that fits in cache runs ~1.5x
         # faster per document than a large one; a GPU wants large batches.
         self.batch_tokens = batch_tokens or (65536 if self.device.type == "cuda" else 4096)
+        # what this actor reports with each shard: its time busy and model FLOPs, for docs/s and MFU per actor
+        self.flops = ModelFlops(encoder.model, encoder.model.config)
+        self.peak = peak_flops(self.device, self.bf16, peak_tflops) or 0.0
+        where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu x{threads}"
+        self.actor = f"{socket.gethostname()}:{os.getpid()} ({where}, {'bf16' if self.bf16 else 'fp32'})"
 
     def __call__(self, batch: dict) -> dict:
         import torch
         import torch.nn.functional as F
 
+        started = time.perf_counter()
         lengths = np.frombuffer(batch["lengths"][0], dtype=np.int64)
         tokens = np.frombuffer(batch["tokens"][0], dtype=np.int32)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -99,11 +110,12 @@ class EncodeShards:
                 for row, i in enumerate(idx):
                     ids[row, : lengths[i]] = tokens[starts[i]: starts[i] + lengths[i]]
                     mask[row, : lengths[i]] = 1
-                emb = self.encoder(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)).float()
+                emb = self.encoder(*(self._to_device(torch.from_numpy(a)) for a in (ids, mask))).float()
                 if self.dim < emb.shape[1]:  # Matryoshka: keep the prefix, re-normalize if the model normalizes
                     emb = emb[:, : self.dim]
                     emb = F.normalize(emb, dim=-1) if self.encoder.normalize else emb
-                out[idx] = emb.cpu().numpy()
+                out[idx] = emb.cpu().numpy()  # to the host: also waits for the device
+        busy = time.perf_counter() - started
         _release_memory()
         return {
             "shard": batch["shard"],
@@ -111,7 +123,20 @@ class EncodeShards:
             "content": batch["content"],
             "ran_in": ["bf16" if self.bf16 else "fp32"],
             "embedding": [out.astype(self.dtype).tobytes()],
+            **{k: [v] for k, v in self.work(lengths, busy).items()},
         }
+
+    def _to_device(self, tensor):
+        """To a GPU from pinned memory, asynchronously: the host prepares the next batch meanwhile."""
+        return tensor.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else tensor
+
+    def work(self, lengths: np.ndarray, busy: float) -> dict:
+        """What one shard cost this actor: the seconds it was busy, the forward FLOPs of its documents'
+        real tokens, and the peak they count against (0: unknown; raykit/flops.py)."""
+        import torch
+
+        return {"actor": self.actor, "busy_s": busy, "flops": self.flops.forward(torch.from_numpy(lengths.copy())),
+                "peak": self.peak}
 
     def _batches(self, lengths: np.ndarray):
         """Index arrays, longest documents first, each within batch_size docs and batch_tokens padded tokens."""
@@ -156,8 +181,10 @@ def _write_shard(row: dict, output: str, identity: dict, attempt: str) -> dict:
     manifest.write_record(output, record)  # after the shard: a record means the shard is whole
     del data, emb
     _release_memory()
-    # the ids' 64-bit hashes: the driver checks ids are unique across shards before it commits
-    return {"name": shard.name, "rows": len(ids), "record": json.dumps(record), "id_hashes": text_id(ids).tobytes()}
+    # the ids' 64-bit hashes: the driver checks ids are unique across shards before it commits; the
+    # encoder actor's cost of this shard, passed on for the driver's docs/s and MFU per actor
+    return {"name": shard.name, "rows": len(ids), "record": json.dumps(record), "id_hashes": text_id(ids).tobytes(),
+            **{k: row[k] for k in ("actor", "busy_s", "flops", "peak")}}
 
 
 def _release_memory() -> None:

@@ -90,6 +90,23 @@ class LoraTrainee:
         """Backward passes whose gradients add up, reduced across workers with the next one outside."""
         return self.module.no_sync() if self.module is not self.encoder else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The adapters merged into the base weights: a plain model's forward, without the adapters'
+        extra multiplies and dropout. The base weights are restored bit for bit after (peft's unmerge
+        subtracts the update again, which rounds, and would move the frozen base at every evaluation)."""
+        layers = [m for m in self.encoder.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
+        with torch.no_grad():
+            self.encoder.model.merge_adapter()
+        try:
+            yield
+        finally:
+            self.encoder.model.unmerge_adapter()
+            with torch.no_grad():
+                for weight, original in saved:
+                    weight.copy_(original)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 

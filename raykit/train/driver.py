@@ -34,9 +34,9 @@ OUTPUTS = ("job.json", "checkpoints", "synth", "mined", "scored", "model", "adap
            "eval.json", "loss_curve.png", "ndcg_by_dim.png", "forgetting.png", "run.json")
 # Settings that change how a run goes, not what it produces: a rerun may change them and resume.
 OPERATIONAL = ("output_dir", "new_run", "run", "train.log_every", "train.checkpoint_every", "train.report_to",
-               "scaling.cpus_per_worker", "eval.batch_size", "synth.output", "synth.concurrency", "synth.num_gpus",
-               "synth.batch_size", "synth.embed.concurrency", "synth.embed.cpus_per_actor", "synth.embed.num_gpus", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
-               "mine.embed.num_gpus", "teacher.output", "teacher.concurrency", "teacher.num_gpus")
+               "scaling.cpus_per_worker", "scaling.peak_tflops", "eval.batch_size", "synth.output", "synth.concurrency", "synth.num_gpus",
+               "synth.batch_size", "synth.embed.concurrency", "synth.embed.cpus_per_actor", "synth.embed.num_gpus", "synth.embed.peak_tflops", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
+               "mine.embed.num_gpus", "mine.embed.peak_tflops", "teacher.output", "teacher.concurrency", "teacher.num_gpus")
 
 
 def run(job: JobConfig, callbacks=()) -> dict:
@@ -128,6 +128,7 @@ def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, st
         # per rank: a running sha256 of the (query, positive) ids trained on, in order (raykit/train/batches.py)
         "batches_sha256": state["batches_sha256"],
         "checkpoints": state["checkpoint_totals"],
+        "throughput": state.get("throughput"),  # the last attempt's pairs/s and MFU (raykit/flops.py)
         "eval": evaluation,
         "config": job.to_dict(),
     }

@@ -20,6 +20,7 @@ from raykit.config import JobConfig
 from raykit.data import Beir, negative_count
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
+from raykit.flops import ModelFlops, mfu, peak_flops
 from raykit.log import format_duration
 from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.precision import use_bf16
@@ -56,12 +57,13 @@ def train_fn_per_worker(config: dict) -> None:
     run_log = RunLog(job, state, rank)  # metrics.jsonl and the trackers, as training goes
 
     def run_eval(beir: Beir) -> dict:
-        return evaluate(trainee.encoder, beir, job.eval.dims, job.eval.batch_size, device, trainee.module)
+        with trainee.evaluating():  # LoRA: the adapters merged in for the duration
+            return evaluate(trainee.encoder, beir, job.eval.dims, job.eval.batch_size, device, trainee.module)
 
     _evaluate_base(state, sets, job, run_eval, log)
 
     table = config["table"].table()  # the training pairs: one copy per node, in Ray's object store
-    meter = _Throughput(job.train.batch_size * world, total_steps)
+    meter = _Throughput(job, world, total_steps, trainee.encoder, device)
     saves = _CheckpointCadence(job, state)
     last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
     step = state["step"]
@@ -71,17 +73,17 @@ def train_fn_per_worker(config: dict) -> None:
         for rows in batches[done_in_epoch:]:  # a resumed run starts at the step its checkpoint holds
             batch = take(table, rows)
             digest.update(batch)
-            loss, grad_norm = training_step(trainee, batch, job, device)
+            loss, grad_norm, lengths = training_step(trainee, batch, job, device)
             step += 1
-            meter.steps += 1
+            meter.add_step(lengths)
 
             do_eval, do_val = _evaluations_due(job, step, total_steps, sets)
             do_report = step % job.train.log_every == 0 or step == total_steps or do_eval or do_val
             time_up = False
             if do_report:
-                loss_sum, time_up = _sum_across_ranks([loss.detach().float(), saves.time_up()], world)
+                loss_sum, time_up, window_flops = _sum_across_ranks([loss.detach().float(), saves.time_up(), meter.flops], world)
                 metrics = {"step": step, "epoch": epoch + 1, "loss": loss_sum / world,
-                           "lr": trainee.lr, "grad_norm": grad_norm, **meter.rates()}
+                           "lr": trainee.lr, "grad_norm": grad_norm, **meter.rates(window_flops)}
                 log(_progress_line(metrics, total_steps, meter.eta(step)))
                 if do_eval:
                     results = run_eval(sets["eval"])
@@ -103,6 +105,7 @@ def train_fn_per_worker(config: dict) -> None:
 
     run_log.close()
     log(f"training took {format_duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
+    state["throughput"] = meter.summary(_sum_across_ranks([meter.total_flops], world)[0])
     _finish(trainee, state, step, digest, last_val, sets, run_eval, rank, world, log)
 
 
@@ -119,16 +122,16 @@ def _finish(trainee, state: dict, step: int, digest: BatchDigest, last_val: dict
     checkpoints.save(trainee, state, rank, world, step, final, digest.value, export=True, evaluation=evaluation)
 
 
-def training_step(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.Tensor, float]:
-    """One optimizer step on one batch; returns (loss, gradient norm)."""
-    loss = backward_batch(trainee, batch, job, device)
-    return loss, trainee.step(None)
+def training_step(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """One optimizer step on one batch; returns (loss, gradient norm, every encoded text's token count)."""
+    loss, lengths = backward_batch(trainee, batch, job, device)
+    return loss, trainee.step(None), lengths
 
 
-def backward_batch(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor:
+def backward_batch(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode one batch of (query, positive, k negatives) rows, score it with the job's loss and
     back-propagate: the whole batch at once, or in chunks of loss.mini_batch_size (gradient caching,
-    the same loss and gradients). Returns the loss."""
+    the same loss and gradients). Returns the loss and the token count of every text encoded (for MFU)."""
     encoder, chunk = trainee.encoder, job.loss.mini_batch_size
     inputs = _encoder_inputs(batch)
     loss_on = _loss_on_embeddings(batch, job, device)
@@ -136,12 +139,18 @@ def backward_batch(trainee, batch: dict, job: JobConfig, device) -> torch.Tensor
     if chunk and chunk < len(batch["query"]):
         groups = [[_tokens(encoder, texts[i:i + chunk], role, device) for i in range(0, len(texts), chunk)]
                   for texts, role in inputs]
-        return gradcache.cached_backward(trainee, groups, loss_on, extra)
-    loss = loss_on(*(trainee(_tokens(encoder, texts, role, device)) for texts, role in inputs))
+        return gradcache.cached_backward(trainee, groups, loss_on, extra), _lengths(t for g in groups for t in g)
+    tokens = [_tokens(encoder, texts, role, device) for texts, role in inputs]
+    loss = loss_on(*(trainee(t) for t in tokens))
     if extra is not None:
         loss = loss + extra()
     trainee.backward(loss)
-    return loss
+    return loss, _lengths(tokens)
+
+
+def _lengths(tokenized) -> torch.Tensor:
+    """Real (unpadded) token count of every sequence in these tokenizer outputs."""
+    return torch.cat([t["attention_mask"].sum(1).cpu() for t in tokenized])
 
 
 def _encoder_inputs(batch: dict) -> list[tuple[list[str], str]]:
@@ -237,25 +246,53 @@ def _evaluations_due(job: JobConfig, step: int, total_steps: int, sets: dict) ->
 
 
 class _Throughput:
-    """pairs/s over the steps since the last report: report time counts against it, evaluation time doesn't."""
+    """pairs/s and MFU over the steps since the last report: report time counts against them, evaluation
+    time doesn't. MFU needs the device's peak (raykit/flops.py); without one it is left out."""
 
-    def __init__(self, global_batch: int, total_steps: int):
-        self.global_batch, self.total_steps = global_batch, total_steps
+    def __init__(self, job: JobConfig, world: int, total_steps: int, encoder: Encoder, device):
+        self.global_batch, self.total_steps, self.world = job.train.batch_size * world, total_steps, world
+        self.model_flops = ModelFlops(encoder.model, encoder.model.config)
+        self.frozen_base = job.train.strategy == "lora"  # no weight gradients but the adapters'
+        self.peak = peak_flops(device, use_bf16(job.train.precision, device), job.scaling.peak_tflops)
         self.started = self.window_start = self.reported_at = time.perf_counter()
-        self.steps = 0
+        self.steps = self.total = 0
+        self.flops = self.total_flops = 0.0  # this rank's model FLOPs: in the window, in all
+        self.evaluating = 0.0  # seconds of evaluation inside the run, left out of its rates
         self.pairs_per_s = 0.0
 
-    def rates(self) -> dict[str, float]:
+    def add_step(self, lengths: torch.Tensor) -> None:
+        """One step done, on texts of these token counts."""
+        flops = self.model_flops.training(lengths, self.frozen_base)
+        self.steps += 1
+        self.total += 1
+        self.flops += flops
+        self.total_flops += flops
+
+    def rates(self, window_flops: float) -> dict[str, float]:
+        """The window's rates; `window_flops`: every rank's FLOPs in it."""
         self.reported_at = time.perf_counter()
-        self.pairs_per_s = self.steps * self.global_batch / (self.reported_at - self.window_start)
-        return {"pairs_per_s": self.pairs_per_s, "elapsed_s": self.reported_at - self.started}
+        seconds = self.reported_at - self.window_start
+        self.pairs_per_s = self.steps * self.global_batch / seconds
+        rates = {"pairs_per_s": self.pairs_per_s, "elapsed_s": self.reported_at - self.started}
+        if (used := mfu(window_flops, seconds, self.peak, self.world)) is not None:
+            rates["mfu"] = used
+        return rates
+
+    def summary(self, total_flops: float) -> dict:
+        """This attempt's training as a whole (evaluation left out), for run.json; `total_flops`: every rank's."""
+        seconds = max(self.elapsed() - self.evaluating, 1e-9)
+        return {"pairs_per_s": round(self.total * self.global_batch / seconds, 2),
+                "flops_per_pair": round(total_flops / max(self.total * self.global_batch, 1)),
+                "peak_tflops_per_worker": self.peak / 1e12 if self.peak else None,
+                "mfu": mfu(total_flops, seconds, self.peak, self.world)}
 
     def eta(self, step: int) -> float:
         return (self.total_steps - step) * self.global_batch / self.pairs_per_s if self.pairs_per_s else math.inf
 
     def restart(self, eval_s: float) -> None:
         """The next window starts at the report, moved past the evaluation that followed it."""
-        self.window_start, self.steps = self.reported_at + eval_s, 0
+        self.window_start, self.steps, self.flops = self.reported_at + eval_s, 0, 0.0
+        self.evaluating += eval_s
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -263,8 +300,10 @@ class _Throughput:
 
 def _progress_line(metrics: dict, total_steps: int, eta: float) -> str:
     step = metrics["step"]
+    used = f" | MFU {100 * metrics['mfu']:.1f}%" if "mfu" in metrics else ""
     return (f"step {step}/{total_steps} ({100 * step // total_steps}%) | epoch {metrics['epoch']} | "
-            f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {metrics['pairs_per_s']:.1f} pairs/s | eta {format_duration(eta)}")
+            f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | {metrics['pairs_per_s']:.1f} pairs/s{used} | "
+            f"eta {format_duration(eta)}")
 
 
 class _CheckpointCadence:
@@ -299,7 +338,10 @@ class _CheckpointCadence:
 
 
 def _tokens(encoder: Encoder, texts, role: str, device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in encoder.tokenize(list(texts), role=role).items()}
+    """Tokenized texts on `device`; to a GPU from pinned memory, so the copy does not hold up the host."""
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+            for k, v in encoder.tokenize(list(texts), role=role).items()}
 
 
 def _sum_across_ranks(values: list, world: int) -> list[float]:
