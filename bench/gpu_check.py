@@ -3,8 +3,9 @@
     python bench/gpu_check.py --model DIR --data SCIFACT_DIR --out DIR [--scan-seconds 300]
 
 1. bf16 on CUDA: LoRA (autocast) and full fine-tuning under DeepSpeed ZeRO-2 and ZeRO-3, a few steps
-   each; the exported model, reloaded, must embed like the trained one. Peak GPU memory per strategy.
-2. Embedding throughput of the encoder on the SciFact corpus, fp32 and bf16.
+   each; the exported model, reloaded, must embed like the trained one. Peak GPU memory, pairs/s and
+   MFU per strategy (raykit/flops.py, as the progress line counts them).
+2. Embedding throughput of the encoder on the SciFact corpus, fp32 and bf16: docs/s and MFU.
 3. A learning-rate x epochs scan on SciFact (fp32, as the CPU jobs run), to choose the jobs' defaults.
 """
 
@@ -122,9 +123,11 @@ def main():
         torch.cuda.empty_cache()
         dump()
 
-    # 2. embedding throughput
+    # 2. embedding throughput, docs/s and MFU (the corpus' real tokens, as raykit embed counts them)
     encoder = Encoder.load(load_job(None, base).model).to(device)
     docs = list(test.corpus.values())
+    lengths = torch.tensor([len(t) for t in encoder.tokenizer(docs, truncation=True, max_length=encoder.max_seq_length)["input_ids"]])
+    forward_flops = ModelFlops(encoder.model, encoder.model.config).forward(lengths)
     for name, ctx in (("fp32", torch.autocast("cuda", enabled=False)), ("bf16", torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda))):
         with ctx:
             encoder.encode(docs[:512], 256, device, role="document")
@@ -132,7 +135,9 @@ def main():
             t = time.perf_counter()
             encoder.encode(docs, 256, device, role="document")
             torch.cuda.synchronize()
-        report["throughput"][name] = len(docs) / (time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        report["throughput"][name] = {"docs_per_s": len(docs) / seconds,
+                                      "mfu": mfu(forward_flops, seconds, peak_flops(device, name == "bf16"))}
     print(report["throughput"], flush=True)
     dump()
 

