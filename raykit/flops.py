@@ -32,6 +32,7 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("H100", 989.0, 67.0),  # SXM
     ("A100", 312.0, 19.5),
     ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),
     ("L4", 121.0, 30.3),
 )
 
@@ -41,11 +42,13 @@ def peak_flops(device: torch.device, bf16: bool, peak_tflops: float = 0.0) -> fl
     table's for a GPU it names; None where neither knows (MFU is then not reported)."""
     if peak_tflops:
         return peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return table_peak(torch.cuda.get_device_name(device), bf16) if device.type == "cuda" else None
+
+
+def table_peak(device_name: str, bf16: bool) -> float | None:
+    """The table's FLOP/s for a device of this name (as CUDA reports it), or None."""
     for key, bf16_tflops, fp32_tflops in PEAK_TFLOPS:
-        if key in name:
+        if key in device_name:
             return (bf16_tflops if bf16 else fp32_tflops) * 1e12
     return None
 

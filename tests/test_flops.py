@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from raykit.config import LoraConfig, ModelConfig
 from raykit.encoder import Encoder
-from raykit.flops import ModelFlops, mfu, peak_flops
+from raykit.flops import ModelFlops, mfu, peak_flops, table_peak
 from raykit.strategies.lora import apply_lora
 
 TEXTS = ["a short query", "a document that is a good deal longer than the query before it, " * 3]
@@ -50,3 +50,10 @@ def test_mfu_needs_a_peak_from_the_table_or_the_job():
     assert peak_flops(cpu, bf16=True) is None and mfu(1e12, 1.0, None) is None
     assert peak_flops(cpu, bf16=True, peak_tflops=2.0) == 2e12
     assert mfu(1e12, 1.0, 2e12, devices=2) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("name, bf16, tflops", [("NVIDIA H100 80GB HBM3", True, 989.0), ("NVIDIA H100 PCIe", True, 756.0),
+                                                ("NVIDIA A100-SXM4-80GB", False, 19.5), ("NVIDIA L40", True, 181.0),
+                                                ("NVIDIA L40S", True, 362.0), ("NVIDIA L4", True, 121.0), ("Tesla T4", True, None)])
+def test_the_peak_table_tells_apart_devices_whose_names_contain_each_other(name, bf16, tflops):
+    assert table_peak(name, bf16) == (tflops * 1e12 if tflops else None)

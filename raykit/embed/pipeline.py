@@ -91,19 +91,18 @@ def run(job: EmbedJob) -> dict:
     started = time.time()
     written = 0
     attempt = uuid.uuid4().hex[:8]  # this attempt's shard files are its own: part-000042-<attempt>.parquet
+    progress = _Progress(todo, started)
     if todo:
         quiet_ray_data()
         connect_ray(dashboard=False)
         if node_count() > 1 and not (storage.is_uri(output) and storage.is_uri(source)):
             raise RaykitError("corpus and output: on a multi-node cluster both must be storage every node reaches (s3://...)")
-        progress = _Progress(todo, started)
         try:
             for row in _pipeline(job, todo, output, identity, settings, attempt).iter_rows():
                 records[row["name"]] = json.loads(row["record"])
                 id_hashes[row["name"]] = np.frombuffer(row["id_hashes"], dtype=np.int64)
                 written += row["rows"]
-                progress.update(row["name"], written)
-                progress.add_work(row)
+                progress.update(row, written)
         except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
             raise worker_error(e, "embedding stopped",
                                "the shards written so far are kept: rerun the same command to write the rest") from None
@@ -114,12 +113,7 @@ def run(job: EmbedJob) -> dict:
     _refuse_duplicate_ids(shards, id_hashes)
     seconds = time.time() - started
     new = _manifest(job, source, shards, records, identity, settings, started, seconds)
-    if todo:
-        new["actors"] = progress.actors()  # this attempt's encoder actors: docs/s while busy, MFU
-        for actor in new["actors"]:
-            used = f" | MFU {100 * actor['mfu']:.1f}%" if actor["mfu"] is not None else ""
-            log.info(f"encoder {actor['actor']}: {actor['docs']:,} docs in {actor['busy_s']:.1f} s busy | "
-                     f"{actor['docs_per_s']:.1f} docs/s{used}")
+    new["actors"] = progress.actors()  # this attempt's encoder actors: docs/s while busy, MFU
     _commit(output, new, replacing, [r["path"] for r in records.values() if r["path"].endswith(f"-{attempt}.parquet")])
     rate = written / seconds if seconds else 0.0
     log.info(f"committed {new['rows']:,} rows in {len(shards)} shards ({len(todo)} written now) | "
@@ -284,19 +278,24 @@ class _Progress:
         self.started, self.last = started, 0.0
         self.work: dict[str, dict] = {}  # per encoder actor: docs, seconds busy, FLOPs, peak
 
-    def add_work(self, row: dict) -> None:
+    def actors(self) -> list[dict]:
+        """Each encoder actor's docs/s while it was busy and its MFU (None: its device's peak is unknown),
+        logged a line each."""
+        out = [{"actor": actor, "docs": w["docs"], "busy_s": round(w["busy_s"], 6),
+                "docs_per_s": round(w["docs"] / max(w["busy_s"], 1e-9), 1),
+                "mfu": mfu(w["flops"], w["busy_s"], w["peak"] or None)} for actor, w in sorted(self.work.items())]
+        for a in out:
+            used = f" | MFU {100 * a['mfu']:.1f}%" if a["mfu"] is not None else ""
+            log.info(f"encoder {a['actor']}: {a['docs']:,} docs in {a['busy_s']:.1f} s busy | {a['docs_per_s']:.1f} docs/s{used}")
+        return out
+
+    def update(self, row: dict, written: int) -> None:
+        """A shard written (its row from the pipeline); `written`: documents so far."""
+        name = row["name"]
         work = self.work.setdefault(str(row["actor"]), {"docs": 0, "busy_s": 0.0, "flops": 0.0, "peak": float(row["peak"])})
         work["docs"] += int(row["rows"])
         work["busy_s"] += float(row["busy_s"])
         work["flops"] += float(row["flops"])
-
-    def actors(self) -> list[dict]:
-        """Each encoder actor's docs/s while it was busy and its MFU (None: its device's peak is unknown)."""
-        return [{"actor": actor, "docs": w["docs"], "busy_s": round(w["busy_s"], 6),
-                 "docs_per_s": round(w["docs"] / max(w["busy_s"], 1e-9), 1),
-                 "mfu": mfu(w["flops"], w["busy_s"], w["peak"] or None)} for actor, w in sorted(self.work.items())]
-
-    def update(self, name: str, written: int) -> None:
         self.done.add(name)
         now = time.time()
         finished = len(self.done) == len(self.size)
