@@ -140,25 +140,22 @@ def backward_batch(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.
         # Each input's texts longest first, so that a chunk pads only to texts of its own length; the
         # loss takes the embeddings back in the batch's order (the same loss, less padding).
         orders = [sorted(range(len(texts)), key=lambda i: -len(texts[i])) for texts, _ in inputs]
-        groups = [[_tokens(encoder, [texts[j] for j in order[i:i + chunk]], role, device) for i in range(0, len(texts), chunk)]
-                  for (texts, role), order in zip(inputs, orders)]
+        tokenized = [[_tokens(encoder, [texts[j] for j in order[i:i + chunk]], role, device) for i in range(0, len(texts), chunk)]
+                     for (texts, role), order in zip(inputs, orders)]
+        groups = [[tokens for tokens, _ in chunks] for chunks in tokenized]
         inverses = [torch.argsort(torch.tensor(order, device=device)) for order in orders]
 
         def in_batch_order(*embeddings):
             return loss_on(*(e[inverse] for e, inverse in zip(embeddings, inverses)))
 
-        return gradcache.cached_backward(trainee, groups, in_batch_order, extra), _lengths(t for g in groups for t in g)
-    tokens = [_tokens(encoder, texts, role, device) for texts, role in inputs]
-    loss = loss_on(*(trainee(t) for t in tokens))
+        lengths = torch.cat([n for chunks in tokenized for _, n in chunks])
+        return gradcache.cached_backward(trainee, groups, in_batch_order, extra), lengths
+    tokenized = [_tokens(encoder, texts, role, device) for texts, role in inputs]
+    loss = loss_on(*(trainee(tokens) for tokens, _ in tokenized))
     if extra is not None:
         loss = loss + extra()
     trainee.backward(loss)
-    return loss, _lengths(tokens)
-
-
-def _lengths(tokenized) -> torch.Tensor:
-    """Real (unpadded) token count of every sequence in these tokenizer outputs."""
-    return torch.cat([t["attention_mask"].sum(1).cpu() for t in tokenized])
+    return loss, torch.cat([n for _, n in tokenized])
 
 
 def _encoder_inputs(batch: dict) -> list[tuple[list[str], str]]:
@@ -345,11 +342,12 @@ class _CheckpointCadence:
         return f" ({n} checkpoint(s): {seconds:.1f}s, {100 * seconds / elapsed:.1f}% of it)" if n and elapsed else ""
 
 
-def _tokens(encoder: Encoder, texts, role: str, device) -> dict[str, torch.Tensor]:
-    """Tokenized texts on `device`; to a GPU from pinned memory, so the copy does not hold up the host."""
+def _tokens(encoder: Encoder, texts, role: str, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Tokenized texts on `device` (to a GPU from pinned memory, so the copy does not hold up the host),
+    and each text's real token count, counted on the host: reading it back from a GPU would wait for it."""
+    host = encoder.tokenize(list(texts), role=role)
     pin = torch.device(device).type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
-            for k, v in encoder.tokenize(list(texts), role=role).items()}
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host.items()}, host["attention_mask"].sum(1)
 
 
 def _sum_across_ranks(values: list, world: int) -> list[float]:
