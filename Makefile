@@ -21,9 +21,12 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/raykit train jobs/quickstart.yaml output_dir=runs/quickstart
 
-# --durations: every run's log names its slowest tests (the suite's time is watched)
+# --durations: every run's log names its slowest tests (the suite's time is watched).
+# Two pytest-xdist workers, whole modules each (module fixtures: a cluster, a reference run): the
+# suite waits on Ray's start-ups more than it computes. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # `ray job submit` on a real 3-node Ray on this machine (token auth, S3): also part of `make test`.
 cluster-test: install

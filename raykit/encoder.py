@@ -102,12 +102,17 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.max_seq_length = max_seq_length
+        # config attributes training changed (attention dropout) and their base values, which a saved
+        # model's config.json keeps: its users fine-tune it further with the family's own settings
+        self.base_config: dict[str, float] = {}
 
     @classmethod
-    def load(cls, cfg: ModelConfig, max_seq_length: int = 0, key: str = "model.name", stored: dict | None = None) -> "Encoder":
+    def load(cls, cfg: ModelConfig, max_seq_length: int = 0, key: str = "model.name", stored: dict | None = None,
+             attention_dropout: float = -1) -> "Encoder":
         """`max_seq_length`: one the user set (refused past the model's positions), beside cfg's.
-        `key`: where the model was named, for errors; `stored`: its folder's settings, if already read."""
-        from transformers import AutoModel, AutoTokenizer
+        `key`: where the model was named, for errors; `stored`: its folder's settings, if already read;
+        `attention_dropout`: train.attention_dropout (-1: the model's own)."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per load, per worker: noise in every log
@@ -115,8 +120,10 @@ class Encoder(nn.Module):
         hub = hub_options(cfg.revision, cfg.trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+            config = AutoConfig.from_pretrained(path, **hub)
+            base_config = _set_attention_dropout(config, attention_dropout)
             # fp32 master weights whatever the checkpoint's dtype; bf16 comes from autocast or DeepSpeed.
-            model = AutoModel.from_pretrained(path, dtype=torch.float32, **hub)
+            model = AutoModel.from_pretrained(path, config=config, dtype=torch.float32, **hub)
         except (OSError, ValueError) as e:
             raise load_error(key, cfg.name, e) from None
         # asked for by name: refused past the limit; a default longer than the model: the limit
@@ -128,7 +135,9 @@ class Encoder(nn.Module):
         # the job's prompts, else those the model's folder stores (a raykit or sentence-transformers save)
         stored = stored if stored is not None else stored_settings(cfg.name, cfg.revision, key)
         prompts = cfg.prompts.as_dict() or stored.get("prompts", {})
-        return cls(model, tokenizer, cfg.pooling, cfg.normalize, min(cfg.max_seq_length, limit or cfg.max_seq_length), prompts)
+        encoder = cls(model, tokenizer, cfg.pooling, cfg.normalize, min(cfg.max_seq_length, limit or cfg.max_seq_length), prompts)
+        encoder.base_config = base_config
+        return encoder
 
     @classmethod
     def from_pretrained(cls, name: str, max_seq_length: int = 0, prompts: dict[str, str] | None = None,
@@ -214,13 +223,22 @@ class Encoder(nn.Module):
         """Write a sentence-transformers directory. `state_dict` overrides the model's own (ZeRO-3)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-        if state_dict is not None:
-            # save_pretrained writes the live module's dtype into config.json (bf16 under DeepSpeed);
-            # loaders cast to it, so it must name the dtype of the weights actually saved.
-            saved = next(v.dtype for v in state_dict.values() if v.is_floating_point())
-            self.model.config.dtype = str(saved).removeprefix("torch.")
-            self.model.config.save_pretrained(path)
+        config = self.model.config
+        live = {name: getattr(config, name) for name in self.base_config}
+        try:
+            # some families read these at run time (Falcon, GPT-Neo): the live model keeps the training value
+            for name, value in self.base_config.items():
+                setattr(config, name, value)
+            self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            if state_dict is not None:
+                # save_pretrained writes the live module's dtype into config.json (bf16 under DeepSpeed);
+                # loaders cast to it, so it must name the dtype of the weights actually saved.
+                saved = next(v.dtype for v in state_dict.values() if v.is_floating_point())
+                config.dtype = str(saved).removeprefix("torch.")
+                config.save_pretrained(path)
+        finally:
+            for name, value in live.items():
+                setattr(config, name, value)
         self.tokenizer.save_pretrained(path)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -245,6 +263,22 @@ class Encoder(nn.Module):
         # sentence-transformers' encode_query/encode_document put these prompts before the text, as raykit does
         _write_json(path / "config_sentence_transformers.json", {
             "similarity_fn_name": "cosine" if self.normalize else "dot", "prompts": self.prompts, "default_prompt_name": None})
+
+
+# The config attribute families name their attention dropout by (BERT, RoBERTa, MPNet, XLM-R: the
+# first; ModernBERT, Qwen, Llama, Mistral: the second; GPT-2 style: the third).
+ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def _set_attention_dropout(config, p: float) -> dict[str, float]:
+    """Set a transformers config's attention dropout to `p` (-1: leave it as it is); return what it
+    changed, with the values it had."""
+    name = next((a for a in ATTENTION_DROPOUT if isinstance(getattr(config, a, None), (int, float))), None)
+    if name is None or p == -1:
+        return {}
+    before = getattr(config, name)
+    setattr(config, name, p)
+    return {name: before}
 
 
 def stored_settings(name: str, revision: str = "", key: str = "model.name") -> dict:

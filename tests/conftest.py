@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -24,6 +25,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray Train's controller polls its workers every 2 s by default; a run of 4 steps waits on that more
 # than it trains. A test-speed setting only: the product leaves Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Token authentication as a local ray.init() turns it on, with this session's token in the environment
+# rather than ~/.ray/auth_token: `make test` runs pytest-xdist workers, each starting its own Ray, and
+# on a fresh machine two first ray.init()s would each write that file (one cluster then holds a stale token).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 raykit.log.setup("INFO")  # as the CLI does: raykit's progress lines on stdout, where tests read them
@@ -109,3 +115,25 @@ def ray_cluster():
     os.environ.pop("RAY_API_SERVER_ADDRESS")
     yield
     ray.shutdown()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests record (`record_property("figure", ...)`; the README quotes them), after the
+    run: pytest-xdist shows no worker's own output."""
+    figures = [value for report in terminalreporter.stats.get("passed", [])
+               for name, value in report.user_properties if name == "figure"]
+    if figures:
+        terminalreporter.section("figures")
+        for line in figures:
+            terminalreporter.write_line(line)
+
+
+# The longest modules (`make test`'s --durations) first: pytest-xdist hands whole modules (--dist
+# loadfile) to whichever worker is free, and started last, one of these would leave the other idle.
+LONGEST_FIRST = ("test_storage_faults.py", "test_cluster.py", "test_sweep.py", "test_train.py", "test_mine.py",
+                 "test_embed.py", "test_cli.py", "test_synth.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept

@@ -100,7 +100,14 @@ class Cluster:
             if free == total:
                 return
             time.sleep(1)
-        raise RuntimeError(f"the cluster's CPUs were not all free after {timeout:.0f}s ({free} of {total} free)")
+        # what holds them, from the State API: the actors still alive and the placement groups not removed
+        holders = probe(self, (
+            "from ray.util.state import list_actors, list_placement_groups\n"
+            "result = [f\"{a.class_name} ({a.state}, job {a.job_id})\" for a in list_actors(filters=[('state', '!=', 'DEAD')])]"
+            " + [f\"placement group {p.name or p.placement_group_id} ({p.state})\" for p in list_placement_groups(filters=[('state', '!=', 'REMOVED')])]"
+        ))
+        raise RuntimeError(f"the cluster's CPUs were not all free after {timeout:.0f}s ({free} of {total} free); "
+                           f"holding them: {'; '.join(holders) or 'nothing the State API lists'}")
 
     def replace_node(self, ip: str) -> None:
         """Lose the worker node at `ip` as a cloud loses a VM (SIGKILL to its raylet, its Ray processes

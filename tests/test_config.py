@@ -54,6 +54,7 @@ def test_override_beats_yaml(tmp_path):
         ("train.report_to=[comet]", "train.report_to: 'comet' is not one of tensorboard, mlflow, wandb"),
         ("train.lr=.nan", "'train.lr' must be a finite number, got nan"),
         ("train.lr=.inf", "'train.lr' must be a finite number, got inf"),
+        ("train.attention_dropout=1", "train.attention_dropout: 1.0 is outside [0, 1); use 0, e.g. 0.1, or -1 (the model's own)"),
         ("trainlr", "expected key=value"),
         ("train=3", "'train' must be a mapping"),
     ],

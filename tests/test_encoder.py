@@ -43,6 +43,22 @@ def test_a_model_that_ran_in_bf16_saves_fp32_weights_that_load_as_fp32(tiny_mode
     np.testing.assert_allclose(st.encode(TEXTS, convert_to_numpy=True), ours.numpy(), atol=1e-5)
 
 
+def test_attention_dropout_is_the_jobs_while_training_and_the_saved_config_keeps_the_bases(tiny_model, tmp_path):
+    """train.attention_dropout=0 (the default) turns the mask off in the live model; -1 keeps the
+    model's own 0.1. A saved model's config.json says 0.1, and the live model trains on as it was."""
+    import json
+
+    def attention_p(encoder: Encoder) -> set[float]:
+        return {m.dropout.p for name, m in encoder.model.named_modules() if name.endswith("attention.self")}
+
+    off = Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16), attention_dropout=0.0).train()
+    own = Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16), attention_dropout=-1).train()
+    assert attention_p(off) == {0.0} and attention_p(own) == {0.1}
+    off.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["attention_probs_dropout_prob"] == 0.1
+    assert attention_p(off) == {0.0} and off.model.config.attention_probs_dropout_prob == 0.0  # training goes on as it was
+
+
 def test_encode_keeps_input_order_across_length_sorting(tiny_model):
     encoder = Encoder.load(ModelConfig(name=tiny_model))
     batch = encoder.encode(TEXTS, batch_size=3, role="document")

@@ -165,6 +165,11 @@ class TrainConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them: activation
     # memory of about one layer, for about a third more compute. With loss.mini_batch_size, per chunk.
     gradient_checkpointing: bool = False
+    # Dropout on the attention weights while training; -1 = the base model's own (BERT's: 0.1). Off by
+    # default: its random mask over every layer's attention matrix keeps CPUs off PyTorch's fused
+    # attention kernel and was a third of a CPU step, for no measured gain (bench/README.md). The
+    # saved model's config keeps the base's value. Hidden-state dropout stays the model's own.
+    attention_dropout: float = 0.0
 
     def __post_init__(self):
         choice("train.strategy", self.strategy, ("lora", "full"))
@@ -181,6 +186,8 @@ class TrainConfig:
             raise ConfigError("train.epochs and train.max_steps are both 0; set one of them above 0")
         if self.l2sp < 0:
             raise ConfigError(f"train.l2sp: {self.l2sp} is negative; use 0 (off) or e.g. 0.01")
+        if self.attention_dropout != -1 and not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError(f"train.attention_dropout: {self.attention_dropout} is outside [0, 1); use 0, e.g. 0.1, or -1 (the model's own)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is outside [0, 1); use e.g. 0.1")
 

@@ -56,7 +56,9 @@ def export_lora(encoder: Encoder, path: str) -> None:
     """Write `path` (merged model, sentence-transformers layout) and `path`/../adapter (peft)."""
     encoder.model.save_pretrained(Path(path).parent / "adapter")
     merged = encoder.model.merge_and_unload()
-    Encoder(merged, encoder.tokenizer, encoder.pooling, encoder.normalize, encoder.max_seq_length, encoder.prompts).save(path)
+    out = Encoder(merged, encoder.tokenizer, encoder.pooling, encoder.normalize, encoder.max_seq_length, encoder.prompts)
+    out.base_config = encoder.base_config
+    out.save(path)
 
 
 class LoraTrainee:

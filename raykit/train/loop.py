@@ -48,7 +48,7 @@ def train_fn_per_worker(config: dict) -> None:
     log = _rank0_logger(rank)
 
     # Model, wrapped for the strategy.
-    encoder = Encoder.load(job.model)
+    encoder = Encoder.load(job.model, attention_dropout=job.train.attention_dropout)
     trainee = build_trainee(encoder, job, total_steps, device, use_bf16(job.train.precision, device))
 
     # Resume: the latest sound checkpoint of this output_dir, after a rerun or a worker-group restart.
