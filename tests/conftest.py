@@ -26,8 +26,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # than it trains. A test-speed setting only: the product leaves Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Token authentication as a local ray.init() turns it on, with this session's token in the environment
-# rather than ~/.ray/auth_token: `make test` runs pytest-xdist workers, each starting its own Ray, and
-# on a fresh machine two first ray.init()s would each write that file (one cluster then holds a stale token).
+# rather than ~/.ray/auth_token: `make test TEST_WORKERS=N` runs pytest-xdist workers, each starting
+# its own Ray, and on a fresh machine two first ray.init()s would each write that file (one cluster
+# would then hold a stale token).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
@@ -129,11 +130,14 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # The longest modules (`make test`'s --durations) first: pytest-xdist hands whole modules (--dist
-# loadfile) to whichever worker is free, and started last, one of these would leave the other idle.
+# loadfile, in collection order with --no-loadscope-reorder) to whichever worker is free, and started
+# last, one of these would leave the other worker idle.
 LONGEST_FIRST = ("test_storage_faults.py", "test_cluster.py", "test_sweep.py", "test_train.py", "test_mine.py",
                  "test_embed.py", "test_cli.py", "test_synth.py")
 
 
 def pytest_collection_modifyitems(items):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: the files' own order
+        return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept

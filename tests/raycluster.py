@@ -95,9 +95,13 @@ class Cluster:
         """Until every worker CPU is free again: the previous job's actors release theirs asynchronously."""
         code = "result = [ray.available_resources().get('CPU', 0), ray.cluster_resources().get('CPU', 0)]"
         deadline = time.time() + timeout
+        free, total = None, None
         while time.time() < deadline:
-            free, total = probe(self, code)
-            if free == total:
+            try:
+                free, total = probe(self, code)
+            except RuntimeError:  # busy cores: a driver may time out joining; ask again
+                pass
+            if free is not None and free == total:
                 return
             time.sleep(1)
         # what holds them, from the State API: the actors still alive and the placement groups not removed
@@ -226,11 +230,16 @@ def _wait_for_dashboard(cluster: Cluster, timeout: float = 120) -> None:
 
 def _wait_for_nodes(cluster: Cluster, count: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
+    alive: object = None
     while time.time() < deadline:
-        if probe(cluster, "result = sum(n['Alive'] for n in ray.nodes())") == count:
+        try:
+            alive = probe(cluster, "result = sum(n['Alive'] for n in ray.nodes())")
+        except RuntimeError as e:  # a GCS just started, on busy cores, may not answer a driver in time yet
+            alive = e
+        if alive == count:
             return
         time.sleep(1)
-    raise RuntimeError(f"{count} nodes did not join in {timeout:.0f}s")
+    raise RuntimeError(f"{count} nodes did not join in {timeout:.0f}s (last: {alive})")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
