@@ -6,10 +6,12 @@ Saved models are plain sentence-transformers directories (modules.json, 1_Poolin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -186,8 +188,10 @@ class Encoder(nn.Module):
         prompt = self.prompts.get(role, "")
         return [prompt + t for t in texts] if prompt else list(texts)
 
-    def tokenize(self, texts: list[str], *, role: str) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
+    def tokenize(self, texts: list[str], *, role: str, tokenizer=None) -> dict[str, torch.Tensor]:
+        """Padded, truncated tensors of `texts` in `role`; `tokenizer`: a copy of this encoder's, for
+        another thread (raykit.train.feed)."""
+        return (tokenizer or self.tokenizer)(
             self.prompted(texts, role), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
         )
 
@@ -229,7 +233,8 @@ class Encoder(nn.Module):
             # some families read these at run time (Falcon, GPT-Neo): the live model keeps the training value
             for name, value in self.base_config.items():
                 setattr(config, name, value)
-            self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+            with _no_deepspeed_probe():
+                self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
             if state_dict is not None:
                 # save_pretrained writes the live module's dtype into config.json (bf16 under DeepSpeed);
                 # loaders cast to it, so it must name the dtype of the weights actually saved.
@@ -336,6 +341,24 @@ def _pooling(config: dict, name: str) -> str:
     if mode not in ("mean", "cls"):
         raise RaykitError(f"{name}: pooling mode '{mode}' is not supported; raykit pools by mean or CLS token")
     return mode
+
+
+@contextlib.contextmanager
+def _no_deepspeed_probe():
+    """save_pretrained unwraps the model through accelerate, which imports DeepSpeed only to ask whether
+    the model is a DeepSpeedEngine: 2-5 s of CPU in every LoRA worker's export, and in raykit export.
+    A model cannot be wrapped by a DeepSpeed this process never imported, so the probe is skipped then."""
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    import accelerate.utils.other as unwrapping
+
+    probe = unwrapping.is_deepspeed_available
+    unwrapping.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        unwrapping.is_deepspeed_available = probe
 
 
 def _write_json(path: Path, obj) -> None:

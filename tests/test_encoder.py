@@ -236,3 +236,17 @@ def test_a_folder_without_normalize_embeds_unnormalized_as_sentence_transformers
     ours = Encoder.from_pretrained(str(tmp_path / "m"))
     assert not ours.normalize and ours.pooling == "cls"
     np.testing.assert_allclose(st.encode_document(TEXTS), ours.encode(TEXTS, role="document").numpy(), atol=1e-5)
+
+
+def test_saving_does_not_import_deepspeed_in_a_process_without_it(tiny_model, tmp_path, monkeypatch):
+    """A LoRA worker never imports DeepSpeed; save_pretrained's unwrapping (through accelerate) would,
+    only to ask whether the model is a DeepSpeedEngine (seconds of CPU in every LoRA export). With
+    DeepSpeed imported (ZeRO), the check runs as before. Here 'deepspeed' is taken out of sys.modules
+    for the test: an import would put it back."""
+    import sys
+
+    for name in [n for n in sys.modules if n == "deepspeed" or n.startswith("deepspeed.")]:
+        monkeypatch.delitem(sys.modules, name)
+    Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16)).save(tmp_path / "m")
+    assert "deepspeed" not in sys.modules
+    assert (tmp_path / "m" / "model.safetensors").is_file()
