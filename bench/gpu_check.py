@@ -31,6 +31,7 @@ from raykit.evaluate import evaluate
 from raykit.flops import ModelFlops, mfu, peak_flops
 from raykit.jobfile import load_job
 from raykit.strategies import build_trainee
+from raykit.train.feed import Ahead
 from raykit.train.loop import training_step
 
 WARMUP_STEPS = 3  # left out of pairs/s and MFU: allocator and kernel warm-up
@@ -46,21 +47,19 @@ def train(job, table, device, bf16):
     model_flops = ModelFlops(encoder.model, encoder.model.config)
     trainee = build_trainee(encoder, job, total, device, bf16)
     rng = np.random.default_rng(job.train.seed)
+    steps = [rows for _ in range(-(-total // steps_per_epoch)) for rows in
+             rng.permutation(table.num_rows)[:steps_per_epoch * job.train.batch_size].reshape(steps_per_epoch, -1)][:total]
     step, started, flops = 0, time.perf_counter(), 0.0
-    while step < total:
-        order = rng.permutation(table.num_rows)
-        for b in range(steps_per_epoch):
-            rows = table.take(order[b * job.train.batch_size:(b + 1) * job.train.batch_size]).to_pydict()
-            batch = {k: np.asarray(v) if k.endswith("_id") else v for k, v in rows.items()}
-            loss, _, lengths = training_step(trainee, batch, job, device)
+    # as the training loop reads its input: taken, tokenized and pinned ahead on a thread (raykit/train/feed.py)
+    with Ahead(trainee.encoder, table, steps, job.loss.mini_batch_size, device) as ahead:
+        for prepared in ahead:
+            loss, _, lengths = training_step(trainee, prepared, job, device)
             step += 1
             if step == WARMUP_STEPS:
                 torch.cuda.synchronize()
                 started, flops = time.perf_counter(), 0.0
             elif step > WARMUP_STEPS:
                 flops += model_flops.training(lengths, frozen_base=job.train.strategy == "lora")
-            if step >= total:
-                break
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     timed = max(total - WARMUP_STEPS, 1)

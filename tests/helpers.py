@@ -66,18 +66,19 @@ def uninterrupted_batches_sha256(summary: dict) -> list[str]:
     from raykit.config import DataConfig
     from raykit.data import load_training_set
     from raykit.jobfile import build
-    from raykit.train.batches import BatchDigest, epoch_batches, take
+    from raykit.train.batches import BatchDigest, epoch_batches, row_lengths, take
 
     job = summary["config"]
     table = load_training_set(build(DataConfig, job["data"], "run.json", "data."), job["train"]["seed"])
     world, batch_size, seed = job["scaling"]["num_workers"], job["train"]["batch_size"], job["train"]["seed"]
     steps_per_epoch = table.num_rows // world // batch_size
+    lengths = row_lengths(table) if job["train"].get("group_by_length") else None
     digests = []
     for rank in range(world):
         digest = BatchDigest()
         for step in range(summary["steps"]):
             epoch, i = divmod(step, steps_per_epoch)
-            digest.update(take(table, epoch_batches(table.num_rows, world, rank, batch_size, seed, epoch)[i]))
+            digest.update(take(table, epoch_batches(table.num_rows, world, rank, batch_size, seed, epoch, lengths)[i]))
         digests.append(digest.value)
     return digests
 

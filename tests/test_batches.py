@@ -35,3 +35,32 @@ def test_the_digest_follows_the_batches_query_and_positive_ids_in_order():
     resumed = BatchDigest(digest([0, 1]))  # a run resumed from a checkpoint carries the digest on
     resumed.update(take(table, np.array([2])))
     assert resumed.value == digest([0, 1], [2])
+
+
+def test_length_grouped_batches_keep_the_epochs_rows_and_pad_less():
+    """train.group_by_length: each rank trains on the same rows as without it, in batches of similar
+    lengths (padding: each batch's longest row times its size, against the rows' own lengths),
+    in an order that is again a pure function of the seed and the epoch."""
+    from raykit.train.batches import GROUP_WINDOW, row_lengths
+
+    rows, world, batch = 4000, 2, 8
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(n) for n in rng.integers(1, 400, rows)]
+    table = pa.table({"query": ["q"] * rows, "positive": texts, "negative_0": ["n"] * rows, "negative_id_0": list(range(rows))})
+    lengths = row_lengths(table)
+    assert lengths.tolist()[:3] == [len(t) + 2 for t in texts[:3]]
+
+    def padded(batches):
+        return int(sum(lengths[b].max() * len(b) for b in batches))
+
+    for rank in range(world):
+        plain = epoch_batches(rows, world, rank, batch, seed=3, epoch=0)
+        grouped = epoch_batches(rows, world, rank, batch, seed=3, epoch=0, lengths=lengths)
+        assert grouped.shape == plain.shape and sorted(grouped.ravel().tolist()) == sorted(plain.ravel().tolist())
+        assert np.array_equal(grouped, epoch_batches(rows, world, rank, batch, seed=3, epoch=0, lengths=lengths))
+        assert padded(grouped) < 0.7 * padded(plain)
+        # the batches' order is shuffled: not the windows' length order
+        first_window = grouped[:GROUP_WINDOW]
+        assert not all(lengths[a].max() <= lengths[b].min() for a, b in zip(first_window, first_window[1:]))
+    assert not np.array_equal(epoch_batches(rows, world, 0, batch, seed=3, epoch=1, lengths=lengths),
+                              epoch_batches(rows, world, 0, batch, seed=3, epoch=0, lengths=lengths))

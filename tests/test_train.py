@@ -57,13 +57,16 @@ driver.run(load_job({job!r}, {args!r}), callbacks=[kill_the_driver_after_checkpo
 
 def test_a_killed_driver_resumes_from_the_latest_sound_checkpoint_and_another_job_is_refused(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
     """The driver SIGKILLed after the step-4 checkpoint, whose adapter file is then cut short: the same
-    command again warns in one line, resumes from step 2, and trains on the uninterrupted run's batches.
+    command again warns in one line, resumes from step 2, and trains on the uninterrupted run's batches
+    (length-grouped here).
     Once complete, it is a no-op, and another job there is refused."""
     import ray
 
     monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
     out = tmp_path / "run"
-    args = overrides(tiny_model, "run", "train.max_steps=6", "train.checkpoint_every=2", "lora.rank=4", "scaling.num_workers=1")
+    # length-grouped batches (train.group_by_length): they resume exactly too (check_outputs' digests)
+    args = overrides(tiny_model, "run", "train.max_steps=6", "train.checkpoint_every=2", "lora.rank=4", "scaling.num_workers=1",
+                     "train.group_by_length=true")
     script = KILLED_DRIVER.format(tests=str(Path(__file__).parent), job=JOB, args=args)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     killed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -170,6 +170,10 @@ class TrainConfig:
     # attention kernel and was a third of a CPU step, for no measured gain (bench/README.md). The
     # saved model's config keeps the base's value. Hidden-state dropout stays the model's own.
     attention_dropout: float = 0.0
+    # Batches of pairs of similar length (within windows of 64 batches of the epoch's shuffle, the
+    # batches' order shuffled again): less padding, so fewer tokens computed for the same pairs. It
+    # changes which pairs are each other's in-batch negatives. Resumes exactly, like the default.
+    group_by_length: bool = False
 
     def __post_init__(self):
         choice("train.strategy", self.strategy, ("lora", "full"))

@@ -8,6 +8,10 @@ no batch skipped, none seen twice. Ray Data's streaming split makes no such prom
 which worker, in which order, depends on timing), so training reads the table directly: one copy in
 Ray's object store, shared by the workers of a node.
 
+With train.group_by_length, each window of GROUP_WINDOW batches of that permutation is sorted by the
+rows' text length before it is cut into batches, and the epoch's batches are shuffled again (seeded):
+each batch pads to texts of about one length, and the order stays a pure function of the same inputs.
+
 `BatchDigest` is the proof a run leaves: a running sha256 of the (query id, positive id) pairs each
 rank trained on, in order, kept in checkpoints and written to run.json. Two runs that saw the same
 batches in the same order have the same digests, however often either was interrupted.
@@ -19,13 +23,31 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+GROUP_WINDOW = 64  # batches per length-sorted window: long enough to group, short enough to stay random
 
 
-def epoch_batches(num_rows: int, world: int, rank: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """Row indices of this rank's batches in one epoch: shape (steps_per_epoch, batch_size)."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+def epoch_batches(num_rows: int, world: int, rank: int, batch_size: int, seed: int, epoch: int,
+                  lengths: np.ndarray | None = None) -> np.ndarray:
+    """Row indices of this rank's batches in one epoch: shape (steps_per_epoch, batch_size).
+    `lengths` (row_lengths): group each batch's rows by length."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(num_rows)
     steps = num_rows // world // batch_size
-    return order[rank::world][: steps * batch_size].reshape(steps, batch_size)
+    mine = order[rank::world][: steps * batch_size]
+    if lengths is None:
+        return mine.reshape(steps, batch_size)
+    window = GROUP_WINDOW * batch_size
+    grouped = np.concatenate([w[np.argsort(lengths[w], kind="stable")] for w in np.split(mine, range(window, len(mine), window))])
+    return grouped.reshape(steps, batch_size)[rng.permutation(steps)]
+
+
+def row_lengths(table: pa.Table) -> np.ndarray:
+    """Each row's length for grouping: the characters of its query, positive and negatives."""
+    texts = [name for name in table.column_names if name in ("query", "positive") or
+             (name.startswith("negative_") and name[len("negative_"):].isdigit())]
+    return np.sum([pc.utf8_length(table[name]).to_numpy(zero_copy_only=False) for name in texts], axis=0)
 
 
 def take(table: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:

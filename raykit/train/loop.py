@@ -26,7 +26,8 @@ from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
 from raykit.train import checkpoints, gradcache
-from raykit.train.batches import BatchDigest, epoch_batches, take
+from raykit.train.batches import BatchDigest, epoch_batches, row_lengths
+from raykit.train.feed import Ahead, Prepared, prepare
 from raykit.train.tracking import RunLog
 
 
@@ -67,14 +68,14 @@ def train_fn_per_worker(config: dict) -> None:
     saves = _CheckpointCadence(job, state)
     last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
     step = state["step"]
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        batches = epoch_batches(table.num_rows, world, rank, job.train.batch_size, job.train.seed, epoch)
-        for rows in batches[done_in_epoch:]:  # a resumed run starts at the step its checkpoint holds
-            batch = take(table, rows)
-            digest.update(batch)
-            loss, grad_norm, lengths = training_step(trainee, batch, job, device)
-            step += 1
+    # a resumed run starts at the step its checkpoint holds; each step's input is read and
+    # tokenized ahead, on a thread of its own (raykit/train/feed.py)
+    steps = _batches_from(step, total_steps, steps_per_epoch, table, world, rank, job)
+    with Ahead(trainee.encoder, table, steps, job.loss.mini_batch_size, device) as ahead:
+        for prepared in ahead:
+            digest.update(prepared.batch)
+            loss, grad_norm, lengths = training_step(trainee, prepared, job, device)
+            epoch, step = step // steps_per_epoch, step + 1
             meter.add_step(lengths)
 
             do_eval, do_val = _evaluations_due(job, step, total_steps, sets)
@@ -100,13 +101,23 @@ def train_fn_per_worker(config: dict) -> None:
             if step < total_steps and (saves.steps_up(step) or time_up):
                 state["step"] = step
                 log(saves.timed(step, lambda: checkpoints.save(trainee, state, rank, world, step, {"step": step}, digest.value)))
-            if step >= total_steps:
-                break
 
     run_log.close()
     log(f"training took {format_duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
     state["throughput"] = meter.summary(_sum_across_ranks([meter.total_flops], world)[0])
     _finish(trainee, state, step, digest, last_val, sets, run_eval, rank, world, log)
+
+
+def _batches_from(step: int, total_steps: int, steps_per_epoch: int, table, world: int, rank: int, job: JobConfig):
+    """This rank's row indices for every step from `step` to the end, epoch after epoch (batches.py)."""
+    num_rows, lengths = table.num_rows, row_lengths(table) if job.train.group_by_length else None
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        for rows in epoch_batches(num_rows, world, rank, job.train.batch_size, job.train.seed, epoch, lengths)[done_in_epoch:]:
+            if step == total_steps:
+                return
+            yield rows
+            step += 1
 
 
 def _finish(trainee, state: dict, step: int, digest: BatchDigest, last_val: dict, sets: dict, run_eval, rank: int,
@@ -122,54 +133,40 @@ def _finish(trainee, state: dict, step: int, digest: BatchDigest, last_val: dict
     checkpoints.save(trainee, state, rank, world, step, final, digest.value, export=True, evaluation=evaluation)
 
 
-def training_step(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.Tensor, float, torch.Tensor]:
+def training_step(trainee, batch: Prepared | dict, job: JobConfig, device) -> tuple[torch.Tensor, float, torch.Tensor]:
     """One optimizer step on one batch; returns (loss, gradient norm, every encoded text's token count)."""
     loss, lengths = backward_batch(trainee, batch, job, device)
     return loss, trainee.step(None), lengths
 
 
-def backward_batch(trainee, batch: dict, job: JobConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def backward_batch(trainee, batch: Prepared | dict, job: JobConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode one batch of (query, positive, k negatives) rows, score it with the job's loss and
     back-propagate: the whole batch at once, or in chunks of loss.mini_batch_size (gradient caching,
-    the same loss and gradients). Returns the loss and the token count of every text encoded (for MFU)."""
-    encoder, chunk = trainee.encoder, job.loss.mini_batch_size
-    inputs = _encoder_inputs(batch)
-    loss_on = _loss_on_embeddings(batch, job, device)
+    the same loss and gradients). `batch`: prepared by feed.py, or rows to prepare here. Returns the
+    loss and the token count of every text encoded (for MFU)."""
+    if not isinstance(batch, Prepared):
+        batch = prepare(trainee.encoder, batch, job.loss.mini_batch_size, device)
+    groups = batch.on(device)
+    loss_on = _loss_on_embeddings(batch.batch, job, device)
     extra = (lambda: job.train.l2sp * trainee.drift()) if job.train.l2sp else None
-    if chunk and chunk < len(batch["query"]):
-        # Each input's texts longest first, so that a chunk pads only to texts of its own length; the
-        # loss takes the embeddings back in the batch's order (the same loss, less padding).
-        orders = [sorted(range(len(texts)), key=lambda i: -len(texts[i])) for texts, _ in inputs]
-        tokenized = [[_tokens(encoder, [texts[j] for j in order[i:i + chunk]], role, device) for i in range(0, len(texts), chunk)]
-                     for (texts, role), order in zip(inputs, orders)]
-        groups = [[tokens for tokens, _ in chunks] for chunks in tokenized]
-        inverses = [torch.argsort(torch.tensor(order, device=device)) for order in orders]
+    if batch.orders is not None:
+        # the chunks hold each pass's texts longest first; the loss takes the embeddings back in the batch's order
+        inverses = [torch.argsort(torch.tensor(order, device=device)) for order in batch.orders]
 
         def in_batch_order(*embeddings):
             return loss_on(*(e[inverse] for e, inverse in zip(embeddings, inverses)))
 
-        lengths = torch.cat([n for chunks in tokenized for _, n in chunks])
-        return gradcache.cached_backward(trainee, groups, in_batch_order, extra), lengths
-    tokenized = [_tokens(encoder, texts, role, device) for texts, role in inputs]
-    loss = loss_on(*(trainee(tokens) for tokens, _ in tokenized))
+        return gradcache.cached_backward(trainee, groups, in_batch_order, extra), batch.lengths
+    loss = loss_on(*(trainee(chunks[0]) for chunks in groups))
     if extra is not None:
         loss = loss + extra()
     trainee.backward(loss)
-    return loss, torch.cat([n for _, n in tokenized])
-
-
-def _encoder_inputs(batch: dict) -> list[tuple[list[str], str]]:
-    """(texts, role) per forward pass: queries, positives, then all k*B negatives in one (negative j of
-    every row, for j = 0..k-1)."""
-    inputs = [(list(batch["query"]), "query"), (list(batch["positive"]), "document")]
-    if k := negative_count(batch):
-        inputs.append(([t for j in range(k) for t in batch[f"negative_{j}"]], "document"))
-    return inputs
+    return loss, batch.lengths
 
 
 def _loss_on_embeddings(batch: dict, job: JobConfig, device):
     """The job's loss as a function of the batch's embeddings: queries (B, H), positives (B, H) and,
-    when the rows have k negatives, the negatives as `_encoder_inputs` orders them (k*B, H)."""
+    when the rows have k negatives, the negatives as `feed.forward_inputs` orders them (k*B, H)."""
     k = negative_count(batch)
     negative_ids = torch.stack([torch.tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device) if k else None  # (B, k)
     query_ids = torch.tensor(batch["query_id"], device=device)
@@ -340,14 +337,6 @@ class _CheckpointCadence:
     def share_line(self, elapsed: float) -> str:
         n, seconds = self.totals["count"], self.totals["seconds"]
         return f" ({n} checkpoint(s): {seconds:.1f}s, {100 * seconds / elapsed:.1f}% of it)" if n and elapsed else ""
-
-
-def _tokens(encoder: Encoder, texts, role: str, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Tokenized texts on `device` (to a GPU from pinned memory, so the copy does not hold up the host),
-    and each text's real token count, counted on the host: reading it back from a GPU would wait for it."""
-    host = encoder.tokenize(list(texts), role=role)
-    pin = torch.device(device).type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in host.items()}, host["attention_mask"].sum(1)
 
 
 def _sum_across_ranks(values: list, world: int) -> list[float]:

@@ -1,0 +1,71 @@
+"""raykit/train/feed.py: the training input read and tokenized ahead, on a thread, in the loop's order."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from raykit.config import ModelConfig
+from raykit.encoder import Encoder
+from raykit.train.batches import take
+from raykit.train.feed import AHEAD, Ahead, prepare
+
+TEXTS = [f"query {i} " + "word " * (i % 7) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16))
+
+
+def table(n: int = 40) -> pa.Table:
+    return pa.table({"query_id": np.arange(n), "positive_id": np.arange(n) + 1000, "query": TEXTS[:n],
+                     "positive": [t.upper() for t in TEXTS[:n]], "negative_0": TEXTS[::-1][:n], "negative_id_0": np.arange(n) + 2000})
+
+
+def same(a, b) -> None:
+    assert a.batch["query_id"].tolist() == b.batch["query_id"].tolist()
+    assert a.orders == b.orders and torch.equal(a.lengths, b.lengths)
+    for chunks_a, chunks_b in zip(a.groups, b.groups, strict=True):
+        for ta, tb in zip(chunks_a, chunks_b, strict=True):
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_batches_read_ahead_are_the_ones_read_in_line_in_the_same_order(encoder, chunk):
+    """Plain and gradient-cached (chunks of 3, longest first); while the thread reads ahead, the loop's
+    thread tokenizes too (evaluation does), with the encoder's own tokenizer."""
+    steps = [np.array([4 * s + j for j in range(4)]) for s in range(10)]
+    with Ahead(encoder, table(), steps, chunk, "cpu") as ahead:
+        read = []
+        for prepared in ahead:
+            encoder.tokenize(TEXTS, role="query")
+            read.append(prepared)
+    assert len(read) == len(steps)
+    for rows, prepared in zip(steps, read):
+        same(prepared, prepare(encoder, take(table(), rows), chunk, "cpu"))
+    assert len(read[0].groups) == 3 and len(read[0].groups[0]) == (2 if chunk else 1)
+
+
+def test_leaving_early_stops_the_thread_and_an_error_reaches_the_loop(encoder):
+    """The run's last step (or an error in the loop) ends the read-ahead thread, which never ran more
+    than AHEAD batches ahead; an error while reading ahead is raised in the loop."""
+    made = []
+
+    def steps():
+        for s in range(100):
+            made.append(s)
+            yield np.array([s % 40])
+
+    with Ahead(encoder, table(), steps(), 0, "cpu") as ahead:
+        first = next(iter(ahead))
+    assert first.batch["query_id"].tolist() == [0]
+    assert len(made) <= 1 + AHEAD + 1  # the one taken, AHEAD queued, one waiting for room
+    assert not [t for t in threading.enumerate() if t.name == "raykit-feed"]
+
+    with pytest.raises(IndexError), Ahead(encoder, table(), [np.array([0]), np.array([99])], 0, "cpu") as ahead:
+        assert [p.batch["query_id"].tolist() for p in ahead] == [[0]]
