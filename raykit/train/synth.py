@@ -163,14 +163,17 @@ def _generate(job: JobConfig, source: str, items: list[dict], total: int, cutoff
 
 
 def _generators(cfg) -> int:
-    """Generator actors: synth.concurrency, else one per GPU, or on CPUs one per core but one: a
-    pool holding every CPU would leave none to read the documents it waits for."""
+    """Generator actors: synth.concurrency, else one per GPU, or on CPUs one per free core but one: a
+    pool holding every CPU would leave none to read the documents it waits for. Free, not total: a
+    CPU another job holds (or a placement group Ray Train has not yet released) is not the pool's,
+    and counting it hung the pipeline with every free CPU in the pool."""
     import ray
 
     batches = -(-cfg.max_docs // cfg.batch_size) if cfg.max_docs else 1 << 30
     if cfg.concurrency or cfg.num_gpus:
         return actor_count(cfg.concurrency, cfg.num_gpus, 1, batches)
-    return max(1, min(int(ray.cluster_resources().get("CPU", 1)) - 1, batches))
+    free = min(ray.cluster_resources().get("CPU", 1), ray.available_resources().get("CPU", 1))
+    return max(1, min(int(free) - 1, batches))
 
 
 def _generator_kwargs(cfg) -> dict:
