@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import ENV, REPO, RESULTS, SCIFACT, save
+from common import ENV, REPO, RESULTS, SCIFACT, cpu_name, save
 
 from raykit.data import load_beir
 from raykit.embed import search
@@ -201,7 +201,8 @@ def main() -> None:
 
         bucket = seaweed.make_bucket(boto3.client("s3"), "bench")
         n = sum(1 for _ in open(SCIFACT / "corpus.jsonl"))
-        result.update({"machine": f"{os.cpu_count()} CPUs, no GPU", "docs": n})
+        result.update({"machine": cpu_name(), "docs": n})
+        print(f"machine: {result['machine']}", flush=True)
         if args.part in ("all", "throughput"):
             result["throughput"] = throughput(args, env, bucket, work, n)
         if args.part in ("all", "memory"):

@@ -94,7 +94,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if not is_uri(path):
         return pafs.LocalFileSystem(), resolve(path)
     bucket, key = bucket_key(path)
-    return _s3(bucket, 1, *_endpoint_and_region()), f"{bucket}/{key}".rstrip("/")
+    return _s3(bucket, 1, *_endpoint_and_region(), stall_seconds(10)), f"{bucket}/{key}".rstrip("/")
 
 
 def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
@@ -103,23 +103,32 @@ def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
     if not is_uri(path):
         return resolve(path), None
     bucket, key = bucket_key(path)
-    return f"{bucket}/{key}".rstrip("/"), _s3(bucket, sdk_attempts(retry_seconds()), *_endpoint_and_region())
+    client = _s3(bucket, sdk_attempts(retry_seconds()), *_endpoint_and_region(), stall_seconds(10))
+    return f"{bucket}/{key}".rstrip("/"), client
+
+
+def stall_seconds(most: float) -> float:
+    """How long one call waits on a store that has stopped answering before it counts as failed:
+    `most`, but not past a shorter RAYKIT_STORAGE_RETRY (with a 3 s budget, a call should not sit 20 s
+    on a frozen store before the run can end); never under 5 s, so that a short budget does not cut
+    off a store that is slow but alive."""
+    return min(most, max(5.0, retry_seconds()))
 
 
 def s3_client():
     """boto3's S3 client, for what pyarrow cannot say: conditional writes and ETags (embed's commit).
     Its own retries are off: `retrying` around each call decides, and a commit's 412 after a lost
     reply must reach the caller (manifest.commit), not be retried away."""
-    return _client(_endpoint_and_region()[0])
+    return _client(_endpoint_and_region()[0], stall_seconds(20))
 
 
 @functools.lru_cache(maxsize=8)
-def _client(endpoint: str | None):
+def _client(endpoint: str | None, read_timeout: float):
     import boto3
     from botocore.config import Config
 
     return boto3.client("s3", endpoint_url=endpoint, config=Config(
-        retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=20))
+        retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=read_timeout))
 
 
 def sdk_attempts(seconds: float) -> int:
@@ -143,13 +152,13 @@ def _endpoint_and_region() -> tuple[str | None, str | None]:
 
 
 @functools.lru_cache(maxsize=64)
-def _s3(bucket: str, attempts: int, endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3(bucket: str, attempts: int, endpoint: str | None, region: str | None, stall: float) -> pafs.S3FileSystem:
     if not region and not endpoint:  # AWS itself: the bucket's region, as pyarrow.fs.FileSystem.from_uri finds it
         try:
             region = retrying(f"s3://{bucket}", pafs.resolve_s3_region, bucket)
         except OSError as e:
             raise RaykitError(f"s3://{bucket}: cannot find the bucket's region ({clean_error(e)}); set AWS_REGION") from None
-    return _S3(attempts, endpoint, region or "us-east-1")
+    return _S3(attempts, endpoint, region or "us-east-1", stall)
 
 
 class _S3(pafs.S3FileSystem):
@@ -157,7 +166,7 @@ class _S3(pafs.S3FileSystem):
     pickling drops the retry strategy, and Ray ships Train's filesystem to its controller and workers
     (which would upload with the SDK's 3 attempts)."""
 
-    def __init__(self, attempts: int, endpoint: str | None, region: str):
+    def __init__(self, attempts: int, endpoint: str | None, region: str, stall: float):
         super().__init__(
             region=region,
             endpoint_override=endpoint,
@@ -165,9 +174,9 @@ class _S3(pafs.S3FileSystem):
             # attempts to last RAYKIT_STORAGE_RETRY (ray_storage).
             retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts),
             connect_timeout=5,
-            request_timeout=10,  # seconds without a byte moving: a stalled store, not a slow upload
+            request_timeout=stall,  # seconds without a byte moving: a stalled store, not a slow upload
         )
-        self._args = (attempts, endpoint, region)
+        self._args = (attempts, endpoint, region, stall)
 
     def __reduce__(self):
         return _S3, self._args

@@ -294,6 +294,25 @@ def test_a_store_that_stays_away_ends_the_commit_as_a_run_failure_and_a_bad_budg
         "raykit: error: RAYKIT_STORAGE_RETRY: 'soon' is not a duration; use e.g. 2m, 90s or 10m")
 
 
+def test_a_call_on_a_frozen_store_waits_no_longer_than_a_short_budget(s3_server, monkeypatch):
+    """With RAYKIT_STORAGE_RETRY=1s, a read from a frozen store times out at the 5 s floor: pyarrow's
+    client tries twice, so 10 s, where its 10 s request timeout made it 20 s."""
+    from raykit import storage
+    from raykit.errors import StorageUnavailable
+
+    bucket = s3_server()
+    storage.put(f"s3://{bucket}/x", b"x")
+    monkeypatch.setenv("RAYKIT_STORAGE_RETRY", "1s")
+    os.kill(s3_server.server.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="storage did not answer"):
+            storage.read_bytes(f"s3://{bucket}/x")
+        assert time.monotonic() - started < 15
+    finally:
+        os.kill(s3_server.server.pid, signal.SIGCONT)
+
+
 def test_ray_trains_s3_client_keeps_its_patience_when_ray_ships_it(monkeypatch):
     """Ray pickles RunConfig.storage_filesystem to the Train controller and workers; pyarrow's own
     pickling drops the retry strategy. Against a port where nothing listens, the shipped client must

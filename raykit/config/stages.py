@@ -14,7 +14,7 @@ class EmbedConfig:
     dim: int = 0  # 0 = the model's full size; else keep the first `dim` (Matryoshka) and re-normalize
     dtype: str = "float32"  # float32 | float16 (half the storage; cosine scores differ by ~1e-3)
     batch_size: int = 256  # most documents per forward pass (batches are grouped by length)
-    batch_tokens: int = 0  # most padded tokens per forward pass; 0 = 4096 on CPU (cache-sized), 65536 on GPU
+    batch_tokens: int = 0  # most padded tokens per forward pass; 0 = 2048 on CPU (cache-sized), 65536 on GPU
     shard_mb: float = 2.0  # input bytes per output shard: the unit of parallelism, retry and resume
     concurrency: int = 0  # encoder actors; 0 = one per GPU (num_gpus > 0) or one per CPU core
     num_gpus: float = 0.0  # per encoder actor; 0 = encode on CPU

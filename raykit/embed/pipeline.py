@@ -159,8 +159,11 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
             "threads": max(1, round(cfg.cpus_per_actor)),
             "peak_tflops": cfg.peak_tflops,
         },
-        batch_size=1,  # one shard per call; the actor batches its documents itself
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # One shard per call; the actor batches its documents itself. A CPU encoder takes its next
+        # shard only when free: one queued behind a minute-long shard is the run's tail on the
+        # other core. A GPU encoder gets one queued, so its next shard's tokens are already there.
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2 if cfg.num_gpus else 1),
         num_gpus=cfg.num_gpus,
         num_cpus=cfg.cpus_per_actor,
         **env,

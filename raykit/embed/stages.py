@@ -84,9 +84,10 @@ class EncodeShards:
         self.bf16 = use_bf16(precision, self.device)
         self.pad = encoder.tokenizer.pad_token_id or 0
         self.dim, self.dtype, self.batch_size = dim, np.dtype(dtype), batch_size
-        # Tokens per batch bound the activations: on a CPU a batch that fits in cache runs ~1.5x
-        # faster per document than a large one; a GPU wants large batches.
-        self.batch_tokens = batch_tokens or (65536 if self.device.type == "cuda" else 4096)
+        # Tokens per batch bound the activations: on a CPU a batch that fits in a core's cache runs
+        # faster per document than a large one (all-MiniLM-L6-v2 on one core: 2,048 tokens ~5% faster
+        # than 4,096, ~1.5x faster than 128 documents); a GPU wants large batches.
+        self.batch_tokens = batch_tokens or (65536 if self.device.type == "cuda" else 2048)
         # what this actor reports with each shard: its time busy and model FLOPs, for docs/s and MFU per actor
         self.flops = ModelFlops(encoder.model, encoder.model.config)
         self.peak = peak_flops(self.device, self.bf16, peak_tflops) or 0.0
