@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 RETRY_ENV = "RAYKIT_STORAGE_RETRY"
 DEFAULT_RETRY = "2m"
+REQUEST_TIMEOUT_S = 10.0  # pyarrow's requests: reads, shards, Ray Train's uploads
+COMMIT_TIMEOUT_S = 20.0  # boto3's: the commit's conditional PUT, manifests read back
 # What an S3 client's error says when trying again may help: the AWS SDK's retryable error kinds
 # (pyarrow's messages), HTTP 5xx and throttling codes (boto3's).
 _TRANSIENT = ("NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "REQUEST_TIMEOUT",
@@ -94,7 +96,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if not is_uri(path):
         return pafs.LocalFileSystem(), resolve(path)
     bucket, key = bucket_key(path)
-    return _s3(bucket, 1, *_endpoint_and_region(), stall_seconds(10)), f"{bucket}/{key}".rstrip("/")
+    return _s3(bucket, 1, *_endpoint_and_region(), stall_seconds(REQUEST_TIMEOUT_S)), f"{bucket}/{key}".rstrip("/")
 
 
 def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
@@ -103,15 +105,13 @@ def ray_storage(path: str) -> tuple[str, pafs.FileSystem | None]:
     if not is_uri(path):
         return resolve(path), None
     bucket, key = bucket_key(path)
-    client = _s3(bucket, sdk_attempts(retry_seconds()), *_endpoint_and_region(), stall_seconds(10))
+    client = _s3(bucket, sdk_attempts(retry_seconds()), *_endpoint_and_region(), stall_seconds(REQUEST_TIMEOUT_S))
     return f"{bucket}/{key}".rstrip("/"), client
 
 
 def stall_seconds(most: float) -> float:
-    """How long one call waits on a store that has stopped answering before it counts as failed:
-    `most`, but not past a shorter RAYKIT_STORAGE_RETRY (with a 3 s budget, a call should not sit 20 s
-    on a frozen store before the run can end); never under 5 s, so that a short budget does not cut
-    off a store that is slow but alive."""
+    """A request's wait on a store that sends nothing: `most`, or a shorter RAYKIT_STORAGE_RETRY (a 3 s
+    budget should not sit 20 s in one call), never under 5 s (a slow store is not a dead one)."""
     return min(most, max(5.0, retry_seconds()))
 
 
@@ -119,7 +119,7 @@ def s3_client():
     """boto3's S3 client, for what pyarrow cannot say: conditional writes and ETags (embed's commit).
     Its own retries are off: `retrying` around each call decides, and a commit's 412 after a lost
     reply must reach the caller (manifest.commit), not be retried away."""
-    return _client(_endpoint_and_region()[0], stall_seconds(20))
+    return _client(_endpoint_and_region()[0], stall_seconds(COMMIT_TIMEOUT_S))
 
 
 @functools.lru_cache(maxsize=8)
