@@ -60,7 +60,12 @@ def resume(trainee, checkpoint, rank: int) -> tuple[dict, str] | None:
     """
     damaged = []
     for candidate in _newest_first(checkpoint):
-        with candidate.as_directory() as path:
+        # A folder of this rank's own: Checkpoint.as_directory() shares one download among the node's
+        # processes and deletes it when one of them is done, under another still reading (a resumed
+        # 2-worker run failed in torch.load with "file read failed" on a checkpoint whose files
+        # matched their sha256).
+        with tempfile.TemporaryDirectory(prefix=f"raykit-resume-{rank}-") as path:
+            candidate.to_directory(path)
             damage = _damage(path)
             if damage:
                 damaged.append(f"{_name(candidate)}: {damage}")
