@@ -111,21 +111,3 @@ def test_each_way_a_command_ends_has_its_exit_code_and_one_last_line(monkeypatch
         assert cli.main(["plan", "--gpu-mem", "0", "--pairs", "5000"]) == code
         assert capsys.readouterr().err.splitlines()[-1] == line
     assert "130 interrupted" in cli._parser().format_help()
-
-
-def test_a_command_starting_its_own_local_ray_beside_another_does_not_break_either(ray_cluster, tiny_model, tmp_path):
-    """`raykit train` without RAY_ADDRESS starts a local Ray, here beside this session's (started as
-    raykit starts one: cluster.own_state_api). Ray Train's placement-group cleaner used to find both
-    Rays when it looked for its State API, and die; the run now finishes clean, and so does the
-    session's next job (every later test)."""
-    from helpers import TRAIN_JOB, train_overrides
-
-    env = {**os.environ, "HOME": str(tmp_path)}  # its own ~/.ray (auth token)
-    env.pop("RAY_ADDRESS", None)
-    args = train_overrides(tiny_model, tmp_path / "run", "eval.data=", "scaling.num_workers=1", "train.max_steps=2")
-    done = subprocess.run([str(Path(sys.executable).parent / "raykit"), "train", TRAIN_JOB, *args], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
-    log = done.stdout
-    assert done.returncode == 0, log[-3000:]
-    assert "Found multiple active Ray instances" not in log and "PlacementGroupCleaner" not in log, log[-3000:]
-    assert (tmp_path / "run" / "run.json").exists()

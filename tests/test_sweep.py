@@ -1,7 +1,8 @@
 """`raykit tune`: a real Ray Tune sweep of real Ray Train runs (tiny BERT, quickstart data, 2 CPUs).
 
-The sweep runs once per module; the tests read what it wrote. Then: a sweep interrupted with Ctrl-C
-resumes instead of starting over, and bad spaces fail with one line before any trial starts.
+The sweep runs once per module; the tests read what it wrote. Then: a sweep into S3 interrupted with
+Ctrl-C resumes instead of starting over, and bad spaces fail with one line before any trial starts.
+(tests/test_cluster.py submits the other commands with `ray job submit`; a sweep's S3 output is here.)
 """
 
 from __future__ import annotations
@@ -130,41 +131,49 @@ def test_best_job_is_the_job_with_the_best_trials_values(sweep, tiny_model):
     assert expected.train.max_steps == 16 and expected.data.val_queries == 0 and expected.eval.data == str(QUICKSTART)
 
 
-def test_interrupted_sweep_resumes(ray_cluster, tiny_model, tmp_path):
-    import ray
-
-    out = tmp_path / "out"
+def test_an_interrupted_sweep_into_s3_resumes(ray_cluster, s3_server, tiny_model, tmp_path):
+    """A sweep started as on a laptop, writing to S3: `raykit tune` with no RAY_ADDRESS starts a local
+    Ray, here beside this session's (raykit gives it a State API of its own, cluster.own_state_api: Ray
+    Train's placement-group cleaner used to find both Rays and die). Ctrl-C as its first trial ends:
+    one line, exit 130. The same command, run again on this session's Ray, resumes the sweep from S3
+    instead of starting over, and writes its results there."""
+    client, bucket = s3_server.client, s3_server()
     space = write_space(tmp_path / "space.yaml", {"lora.rank": {"choice": [2, 4]}}, scheduler="none", num_samples=2)
-    args = [*job_overrides(tiny_model, out), "train.max_steps=4"]  # one validation per trial: enough here
-    cmd = [sys.executable, "-m", "raykit", "tune", JOB, space, *args]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the session's Ray
+    args = [*job_overrides(tiny_model, f"s3://{bucket}/sweep"), "train.max_steps=4"]  # one validation per trial: enough here
+    cmd = [str(Path(sys.executable).parent / "raykit"), "tune", JOB, space, *args]
+    env = {**os.environ, "HOME": str(tmp_path)}  # its own ~/.ray (auth token)
+    env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not _finished_trials(out):
+    while time.time() < deadline and not _finished_trials(client, bucket) and proc.poll() is None:
         time.sleep(0.2)  # Ctrl-C as the first trial ends: the second has barely started, and stops fast
-    assert _finished_trials(out), "no trial finished"
+    assert _finished_trials(client, bucket), "no trial finished"
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, log[-3000:]
     assert log.strip().splitlines()[-1].startswith("raykit: interrupted: 1 of 2 trials done"), log[-3000:]
     assert "rerun the same command to resume" in log
-    first = _finished_trials(out)
+    assert "Found multiple active Ray instances" not in log and "PlacementGroupCleaner" not in log, log[-3000:]
+    first = _finished_trials(client, bucket)
     assert len(first) == 1
 
     assert main(["tune", JOB, space, *args]) == 0
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    results = client.get_object(Bucket=bucket, Key="sweep/results.csv")["Body"].read().decode()
+    rows = list(csv.DictReader(results.splitlines()))
     assert len(rows) == 2 and all(r["status"] == "complete" for r in rows)
     for trial in first:  # finished trials were not trained again
-        assert _finished_trials(out)[trial] == first[trial]
+        assert _finished_trials(client, bucket)[trial] == first[trial]
+    client.head_object(Bucket=bucket, Key="sweep/best_job.yaml")
 
 
-def _finished_trials(out: Path) -> dict[str, int]:
-    """trial dir -> reports in its result.json, for trials whose last report says done."""
+def _finished_trials(client, bucket: str) -> dict[str, int]:
+    """trial folder -> reports in its result.json, for trials whose last report says done."""
     done = {}
-    for result in (out / "tune").glob("*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines and json.loads(lines[-1]).get("done"):
-            done[result.parent.name] = len(lines)
+    for o in client.list_objects_v2(Bucket=bucket, Prefix="sweep/tune/").get("Contents", []):
+        if o["Key"].endswith("/result.json"):
+            lines = client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read().decode().splitlines()
+            if lines and json.loads(lines[-1]).get("done"):
+                done[o["Key"].split("/")[-2]] = len(lines)
     return done
 
 

@@ -1,6 +1,6 @@
-"""`raykit train` on a local Ray (a tiny BERT, the bundled quickstart data): a worker killed and recovered, a
-killed driver's run resumed by its rerun past a damaged checkpoint, and bad input refused before anything
-starts."""
+"""`raykit train` on a local Ray (a tiny BERT, the bundled quickstart data): a worker killed and recovered,
+then the driver killed and its run resumed by the rerun past a damaged checkpoint (one run: each costs a
+Ray Train start-up on a small machine), and bad input refused before anything starts."""
 
 from __future__ import annotations
 
@@ -12,79 +12,70 @@ from pathlib import Path
 
 import pytest
 from helpers import TRAIN_JOB as JOB
-from helpers import check_outputs, check_run, kill_a_worker_after_checkpoint, refused
+from helpers import check_outputs, refused
 from helpers import train_overrides as overrides
 
 from raykit.cli import main
+
+KILLED = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from helpers import kill_a_worker_after_checkpoint, kill_the_driver_after_checkpoint
 from raykit.jobfile import load_job
 from raykit.train import driver
+driver.run(load_job({job!r}, {args!r}), callbacks=[kill_a_worker_after_checkpoint(step=2),
+                                                 kill_the_driver_after_checkpoint(os.getpid(), step=4)])
+"""
 
 
-def test_a_killed_worker_is_recovered_by_default_with_no_batch_skipped_or_repeated(ray_cluster, tiny_model, tmp_path):
-    """A ZeRO-2 worker SIGKILLed after the step-2 checkpoint: Ray Train restarts the group from it by
-    itself (run.max_failures is on by default), and the run trains on exactly the batches an
-    uninterrupted run does (check_run compares the per-rank digests of the batches' query ids). The
-    output_dir held another job's complete run, which new_run=true replaces: its files go, a user's
-    file stays. (A LoRA run's resume is the killed driver's below and the storage outage's in
+def test_a_killed_worker_is_recovered_and_a_killed_drivers_run_resumes_past_a_damaged_checkpoint(
+        ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
+    """ZeRO-2 on 2 workers, in a driver of its own. A worker is SIGKILLed after the step-2 checkpoint:
+    Ray Train restarts the group from it by itself (run.max_failures is on by default). Then the driver
+    is SIGKILLed after the step-4 checkpoint, whose largest file is then cut short. The same command
+    again warns in one line, resumes from step 2, and trains on exactly the batches an uninterrupted
+    run does (check_outputs compares the per-rank digests of the batches' query ids; length-grouped
+    here). Once complete, it is a no-op, and another job there is refused.
+
+    The output_dir held another job's complete run, which the first command's new_run=true replaces:
+    its files go, a user's file stays. (A LoRA run's resume is the storage outage's in
     test_storage_faults; a lost node under ZeRO-3 is test_cluster's.)"""
+    import ray
+
     from raykit import identity
 
+    monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
     out = tmp_path / "run"
     (out / "checkpoints" / "checkpoint_00000009").mkdir(parents=True)
     (out / "checkpoints" / "checkpoint_00000009" / "state.json").write_text("{}")
     (out / "run.json").write_text('{"steps": 9}')
     (out / "notes.txt").write_text("mine")
     identity.record(str(out / "job.json"), {"train.lr": 9.0})
-    # fp32: check_run compares the exported model's score with the run's at 1e-3; a bf16 run's own
+    # fp32: check_outputs compares the exported model's score with the run's at 1e-3; a bf16 run's own
     # evaluation and a bf16 model in sentence-transformers rank the tiny model's near-ties differently
-    args = overrides(tiny_model, out, "train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3", "train.checkpoint_every=2",
-                     "new_run=true", "train.precision=fp32")
-    driver.run(load_job(JOB, args), callbacks=[kill_a_worker_after_checkpoint(step=2)])
-    summary, _ = check_run(out, tiny_model, "full")
-    assert summary["resumed_from"] == [2]
-    assert not (out / "checkpoints" / "checkpoint_00000009").exists() and (out / "notes.txt").read_text() == "mine"
-
-
-KILLED_DRIVER = """
-import os, sys
-sys.path.insert(0, {tests!r})
-from helpers import kill_the_driver_after_checkpoint
-from raykit.jobfile import load_job
-from raykit.train import driver
-driver.run(load_job({job!r}, {args!r}), callbacks=[kill_the_driver_after_checkpoint(os.getpid(), step=4)])
-"""
-
-
-def test_a_killed_driver_resumes_from_the_latest_sound_checkpoint_and_another_job_is_refused(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
-    """The driver SIGKILLed after the step-4 checkpoint, whose adapter file is then cut short: the same
-    command again warns in one line, resumes from step 2, and trains on the uninterrupted run's batches
-    (length-grouped here).
-    Once complete, it is a no-op, and another job there is refused."""
-    import ray
-
-    monkeypatch.chdir(tmp_path)  # a relative output_dir, as users write it: the workers must write there too
-    out = tmp_path / "run"
-    # length-grouped batches (train.group_by_length): they resume exactly too (check_outputs' digests)
-    args = overrides(tiny_model, "run", "train.max_steps=6", "train.checkpoint_every=2", "lora.rank=4", "scaling.num_workers=1",
-                     "train.group_by_length=true")
-    script = KILLED_DRIVER.format(tests=str(Path(__file__).parent), job=JOB, args=args)
+    args = overrides(tiny_model, "run", "train.strategy=full", "deepspeed.zero_stage=2", "train.lr=1e-3", "train.max_steps=6",
+                     "train.checkpoint_every=2", "train.group_by_length=true", "train.precision=fp32")
+    script = KILLED.format(tests=str(Path(__file__).parent), job=JOB, args=[*args, "new_run=true"])
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     killed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "run.json").exists() and not (out / "model").exists()
-
-    damaged = out / "checkpoints" / "checkpoint_00000004" / "lora_state.pt"
-    whole = damaged.read_bytes()
-    damaged.write_bytes(whole[:100])
+    assert not (out / "checkpoints" / "checkpoint_00000009").exists() and (out / "notes.txt").read_text() == "mine"
+    # the worker's loss was recovered in the run: step 4's checkpoint is a resumed attempt's (-r1)
+    [step4] = (out / "checkpoints").glob("checkpoint_00000004*")
+    assert step4.name == "checkpoint_00000004-r1", killed.stderr[-3000:]
+    damaged = max((f for f in step4.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:100])
     assert main(["train", JOB, *args]) == 0
     summary = check_outputs(out)
-    assert summary["resumed_from"] == [2]
-    assert summary["damaged_checkpoints"] == [f"checkpoint_00000004: lora_state.pt has 100 bytes, {len(whole)} were written"]
+    assert summary["steps"] == 6 and summary["resumed_from"] == [2]
+    assert summary["damaged_checkpoints"] == [f"{step4.name}: {damaged.relative_to(step4)} has 100 bytes, {size} were written"]
+    assert (out / "model" / "model.safetensors").exists() and not (out / "adapter").exists()
     assert main(["train", JOB, *args]) == 0
     assert "this run is complete" in capsys.readouterr().out
 
-    # Another job into the same output_dir: refused, naming what differs, and nothing changes
-    # (test_a_killed_worker_is_recovered_... replaces one with new_run=true).
+    # Another job into the same output_dir: refused, naming what differs, and nothing changes.
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     error = refused(capsys, "train", JOB, *args, "train.lr=0.5", "train.max_steps=2")
     assert error.endswith("holds a run of another job (train.lr: 0.001 there, 0.5 here; train.max_steps: 6 there, 2 here); "
