@@ -64,6 +64,7 @@ def run(job: EmbedJob) -> dict:
     # recorded in the manifest: `raykit search` reads the prompts from there for a model that stores none
     settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length,
                 "prompts": encoder.prompts, **hub}
+    tokenizer = stages.fast_tokenizer(encoder.tokenizer)  # for the tokenizer actors: no transformers there
     del encoder
 
     committed = manifest.read_committed(output)
@@ -98,7 +99,7 @@ def run(job: EmbedJob) -> dict:
         if node_count() > 1 and not (storage.is_uri(output) and storage.is_uri(source)):
             raise RaykitError("corpus and output: on a multi-node cluster both must be storage every node reaches (s3://...)")
         try:
-            for row in _pipeline(job, todo, output, identity, settings, attempt).iter_rows():
+            for row in _pipeline(job, todo, output, identity, settings, tokenizer, attempt).iter_rows():
                 records[row["name"]] = json.loads(row["record"])
                 id_hashes[row["name"]] = np.frombuffer(row["id_hashes"], dtype=np.int64)
                 written += row["rows"]
@@ -121,7 +122,8 @@ def run(job: EmbedJob) -> dict:
     return new
 
 
-def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict, attempt: str):
+def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict, tokenizer: dict | None,
+              attempt: str):
     import ray.data
 
     cfg = job.embed
@@ -141,8 +143,10 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
     # A GPU encodes far faster than one core tokenizes: up to TOKENIZERS_PER_GPU tokenizer actors per GPU
     # encoder, Ray Data growing the pool while encoders wait on it.
     per_encoder = TOKENIZERS_PER_GPU if cfg.num_gpus else 1
+    # the tokenizer's JSON once in the object store (megabytes for a large vocabulary), not in every actor's arguments
     ds = ds.map_batches(**light(stages.TokenizeShards, per_encoder, model=job.model, max_seq_length=settings["max_seq_length"],
-                                prompt=settings["prompts"].get("document", ""), **hub))
+                                prompt=settings["prompts"].get("document", ""), **hub,
+                                tokenizer=ray.put(tokenizer) if tokenizer else None))
     ds = ds.map_batches(
         stages.EncodeShards,
         fn_constructor_kwargs={

@@ -1,8 +1,8 @@
 """The stages of `raykit embed`'s Ray Data pipeline, each a long-lived actor: tokenize (CPU), encode
 (GPU or CPU), write (CPU). See pipeline.py for how they are wired.
 
-Each stage imports what it uses when it starts: the writers never load torch or a model, so a
-writer actor costs one light process, not another copy of the ML stack.
+Each stage imports what it uses when it starts: the tokenizers and writers never load torch or a
+model, so each costs one light process, not another copy of the ML stack.
 """
 
 from __future__ import annotations
@@ -22,29 +22,60 @@ from raykit.errors import RaykitError
 
 class TokenizeShards:
     """Reads a shard's documents and tokenizes them after the document prompt (no padding: the
-    encoder pads per batch)."""
+    encoder pads per batch).
 
-    def __init__(self, model: str, max_seq_length: int, prompt: str = "", revision: str = "", trust_remote_code: bool = False):
-        from transformers import AutoTokenizer
+    `tokenizer` is the driver's fast tokenizer as the `tokenizers` library's JSON (an object ref, see
+    fast_tokenizer): the same ids as transformers' AutoTokenizer, without importing transformers or
+    torch, so a tokenizer actor starts in a fraction of the time (a GPU encoder has up to 16 of them).
+    A model with only a slow (Python) tokenizer has it loaded here instead."""
 
-        from raykit.encoder import hub_options, resolve_model
+    def __init__(self, model: str, max_seq_length: int, prompt: str = "", revision: str = "", trust_remote_code: bool = False,
+                 tokenizer=None):
+        if tokenizer is not None:
+            import ray
 
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model), **hub_options(revision, trust_remote_code))
-        self.max_seq_length, self.prompt = max_seq_length, prompt
+            self.encode = _backend_encode(ray.get(tokenizer), max_seq_length)
+        else:
+            from transformers import AutoTokenizer
+
+            from raykit.encoder import hub_options, resolve_model
+
+            slow = AutoTokenizer.from_pretrained(resolve_model(model), **hub_options(revision, trust_remote_code))
+            self.encode = lambda texts: slow(texts, truncation=True, max_length=max_seq_length)["input_ids"]
+        self.prompt = prompt
 
     def __call__(self, batch: dict) -> dict:
-        out = _read_and_tokenize({"shard": batch["shard"][0]}, self.tokenizer, self.max_seq_length, self.prompt)
+        out = _read_and_tokenize({"shard": batch["shard"][0]}, self.encode, self.prompt)
         return {k: [v] for k, v in out.items()}
 
 
-def _read_and_tokenize(row: dict, tokenizer, max_seq_length: int, prompt: str = "") -> dict:
+def fast_tokenizer(tokenizer) -> dict | None:
+    """What a tokenizer actor needs to tokenize as transformers' `tokenizer` does, with the
+    `tokenizers` library alone; None for a slow (Python) tokenizer."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    return {"json": tokenizer.backend_tokenizer.to_str(), "truncation_side": tokenizer.truncation_side}
+
+
+def _backend_encode(spec: dict, max_seq_length: int):
+    """transformers' fast `tokenizer(texts, truncation=True, max_length=...)["input_ids"]`: it sets
+    this truncation and no padding on its backend, then calls encode_batch with special tokens."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(spec["json"])
+    backend.enable_truncation(max_seq_length, stride=0, strategy="longest_first", direction=spec["truncation_side"])
+    backend.no_padding()
+    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+
+
+def _read_and_tokenize(row: dict, encode, prompt: str = "") -> dict:
     shard = corpus.Shard(**json.loads(row["shard"]))
     ids, texts = corpus.read(shard)
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise RaykitError(f"{shard.path}: duplicate id '{dup}' in {shard.name}; ids must be unique")
     prompted = [prompt + t for t in texts] if prompt else texts  # as Encoder.prompted: one rule, but no torch here
-    encoded = tokenizer(prompted, truncation=True, max_length=max_seq_length)["input_ids"] if texts else []
+    encoded = encode(prompted) if texts else []
     lengths = np.array([len(t) for t in encoded], dtype=np.int64)
     tokens = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32, count=int(lengths.sum()))
     row = {
