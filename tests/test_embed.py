@@ -120,33 +120,49 @@ def _corpus_texts() -> list[str]:
 E5 = {"query": "query: ", "document": "passage: "}
 
 
-def test_matryoshka_dim_float16_and_prompts_match_the_model_truncated(ray_cluster, tiny_model, tmp_path):
-    """E5's prompts for a model whose folder stores none: documents are embedded after the document
-    prompt, and `raykit search` puts the query prompt the manifest records before each query."""
-    out = str(tmp_path / "out")
-    committed = run(job(tiny_model, out, "embed.dim=16", "embed.dtype=float16", 'prompts.query="query: "',
+def test_another_model_is_refused_unless_a_new_run_is_asked_which_may_change_dim_dtype_and_prompts(
+        ray_cluster, tiny_model, other_model, fp32_output, tmp_path, capsys):
+    """Committed embeddings of another model are neither overwritten nor searched with this one. A
+    new run (new_run=true) replaces them: here at a Matryoshka dim in float16 with E5's prompts for a
+    model whose folder stores none. Documents are embedded after the document prompt, and `raykit
+    search` puts the query prompt the manifest records before each query."""
+    out, first = copy_of(fp32_output, tmp_path)
+    with pytest.raises(RaykitError, match=r"already committed with model sha256:[0-9a-f]{16} .*new_run=true"):
+        run(job(other_model, out))
+    assert manifest.read_manifest(out) == first  # untouched
+
+    # Searching with the other model: one error naming both fingerprints.
+    theirs = first["model"]["fingerprint"][:23]
+    mine = Encoder.from_pretrained(other_model, MAX_LEN).fingerprint()[:23]
+    assert main(["search", out, "--model", other_model, "pump"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raykit: error: serving mismatch") and theirs in err and mine in err and err.count("\n") == 1
+
+    committed = run(job(other_model, out, "new_run=true", "embed.dim=16", "embed.dtype=float16", 'prompts.query="query: "',
                         'prompts.document="passage: "'))
+    assert committed["model"]["fingerprint"] != first["model"]["fingerprint"]
     assert committed["embedding"]["dim"] == 16 and committed["embedding"]["dtype"] == "float16"
     assert committed["model"]["prompts"] == E5
-    table = pq.read_table(tmp_path / "out" / committed["shards"][0]["path"])
+    table = pq.read_table(Path(out) / committed["shards"][0]["path"])
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[16]"
     ids = table["id"].to_pylist()
     stored = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     beir = load_beir(str(QUICKSTART), "test")
-    encoder = Encoder.from_pretrained(tiny_model, MAX_LEN, E5)
+    encoder = Encoder.from_pretrained(other_model, MAX_LEN, E5)
     expected = encoder.encode([beir.corpus[i] for i in ids], role="document")
     expected = F.normalize(expected[:, :16], dim=-1).numpy()
     np.testing.assert_allclose(stored, expected, atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=2e-3)
 
     query = F.normalize(encoder.encode(["pump valve"], role="query")[:, :16], dim=-1).numpy()
-    hits, expected_hits = search.search(out, tiny_model, ["pump valve"], k=5)[0], search.top_k(out, committed, query, 5)[0]
+    hits, expected_hits = search.search(out, other_model, ["pump valve"], k=5)[0], search.top_k(out, committed, query, 5)[0]
     assert [h for h, _ in hits] == [h for h, _ in expected_hits]
+    assert hits[0][1] >= hits[1][1] >= hits[2][1]
     np.testing.assert_allclose([s for _, s in hits], [s for _, s in expected_hits], atol=1e-4)
-    plain = F.normalize(Encoder.from_pretrained(tiny_model, MAX_LEN).encode(["pump valve"], role="query")[:, :16], dim=-1)
+    plain = F.normalize(Encoder.from_pretrained(other_model, MAX_LEN).encode(["pump valve"], role="query")[:, :16], dim=-1)
     assert not np.allclose(query, plain.numpy(), atol=1e-3)  # the prompt does change the query
     # the same weights saved with other prompts are another model: refused, not searched
-    Encoder.from_pretrained(tiny_model, MAX_LEN, {"query": "q: "}).save(tmp_path / "other-prompts")
+    Encoder.from_pretrained(other_model, MAX_LEN, {"query": "q: "}).save(tmp_path / "other-prompts")
     with pytest.raises(RaykitError, match="serving mismatch"):
         search.search(out, str(tmp_path / "other-prompts"), ["pump valve"])
 
@@ -187,25 +203,6 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
         _, x = manifest.read_shard(fp32_dir, a, 32)
         _, y = manifest.read_shard(str(out), b, 32)
         assert (x * y).sum(axis=1).min() > 0.99  # unit vectors: dot = cosine
-
-
-def test_another_model_is_refused_unless_a_new_run_is_asked(ray_cluster, tiny_model, other_model, fp32_output, tmp_path, capsys):
-    out, first = copy_of(fp32_output, tmp_path)
-    with pytest.raises(RaykitError, match=r"already committed with model sha256:[0-9a-f]{16} .*new_run=true"):
-        run(job(other_model, out))
-    assert manifest.read_manifest(out) == first  # untouched
-
-    # Searching with the other model: one error naming both fingerprints.
-    theirs = first["model"]["fingerprint"][:23]
-    mine = Encoder.from_pretrained(other_model, MAX_LEN).fingerprint()[:23]
-    assert main(["search", out, "--model", other_model, "pump"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("raykit: error: serving mismatch") and theirs in err and mine in err and err.count("\n") == 1
-
-    second = run(job(other_model, out, "new_run=true"))
-    assert second["model"]["fingerprint"] != first["model"]["fingerprint"]
-    hits = search.search(out, other_model, ["pump"], k=3)[0]
-    assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
 
 
 def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, tiny_model, fp32_output, tmp_path):

@@ -71,7 +71,7 @@ def test_lora_on_mined_hard_negatives_with_matryoshka_the_forgetting_guard_and_t
     assert throughput["mfu"] == pytest.approx(throughput["pairs_per_s"] * throughput["flops_per_pair"] / (2 * 1e9), rel=0.01)
 
 
-def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positives(lora_run, tiny_model, tmp_path):
+def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positives(lora_run, tiny_model):
     triplets = lora_run / "mined" / "triplets.jsonl"
     rows = read_jsonl(triplets)
     beir = load_beir(str(QUICKSTART), "train")
@@ -98,10 +98,10 @@ def test_mined_negatives_are_ranked_candidates_past_range_min_and_never_positive
         mine(load_job(JOB, overrides(tiny_model, lora_run, *MINE, *PROMPTS, "mine.range_min=3", f"mine.output={triplets}")))
     assert triplets.stat().st_mtime_ns == written
 
-    # A margin keeps only candidates scoring well below the positive.
-    margin = load_job(JOB, [f"model.name={tiny_model}", "model.max_seq_length=32", f"data.train={QUICKSTART}",
-                            f"mine.output={tmp_path / 'm.parquet'}", "mine.margin=0.01", "mine.range_min=0",
-                            "mine.top_k=230", "mine.embed.shard_mb=0.01", "mine.embed.concurrency=1"])
+    # A margin keeps only candidates scoring well below the positive. Written beside the run's
+    # triplets with the same stem, it ranks against the corpus embeddings that mining committed.
+    margin = load_job(JOB, overrides(tiny_model, lora_run, *MINE, *PROMPTS, "mine.margin=0.01", "mine.range_min=0", "mine.top_k=230",
+                                     f"mine.output={lora_run / 'mined' / 'triplets.parquet'}"))
     import pyarrow.parquet as pq
 
     table = pq.read_table(mine(margin)).to_pylist()
