@@ -54,18 +54,12 @@ def run(job: EmbedJob) -> dict:
         raise RaykitError(f"embed.dim: {dim} is larger than the model's {encoder.dim} dimensions; use {encoder.dim} or less")
     fingerprint = encoder.fingerprint()
     shards = corpus.plan(source, job.embed.shard_mb)
-    identity = {
-        "model": fingerprint,
-        "plan": corpus.plan_fingerprint(shards),
-        "dim": dim,
-        "dtype": job.embed.dtype,
-        "precision": job.embed.precision,
-    }
+    identity = {"model": fingerprint, "plan": corpus.plan_fingerprint(shards), "dim": dim, "dtype": job.embed.dtype,
+                "precision": job.embed.precision}
     # recorded in the manifest: `raykit search` reads the prompts from there for a model that stores none
     settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length,
                 "prompts": encoder.prompts, **hub}
-    # for the tokenizer actors: no transformers there
-    tokenizer = stages.fast_tokenizer(encoder.tokenizer, encoder.max_seq_length, encoder.prompts.get("document", ""))
+    tokenizer = stages.fast_tokenizer(encoder.tokenizer, encoder.max_seq_length, encoder.prompts.get("document", ""))  # for its actors
     del encoder
 
     committed = manifest.read_committed(output)
