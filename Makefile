@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# The rest with uv, which downloads and installs in parallel (on 2 cores: 63 s against pip's 164 s,
 	# the same packages); pip where uv cannot (it does not read pip's configuration: a private index).
-	$(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --python $(PY) -e '.[test,bench]' \
+	# --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set (CI here) nothing would write
+	# the .pyc files later, and every Ray worker would compile transformers and Ray from source.
+	$(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[test,bench]' \
 		|| $(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
