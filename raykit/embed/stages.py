@@ -27,7 +27,8 @@ class TokenizeShards:
     `tokenizer` is the driver's fast tokenizer as the `tokenizers` library's JSON (an object ref, see
     fast_tokenizer): the same ids as transformers' AutoTokenizer, without importing transformers or
     torch, so a tokenizer actor starts in a fraction of the time (a GPU encoder has up to 16 of them).
-    A model with only a slow (Python) tokenizer has it loaded here instead."""
+    Where fast_tokenizer gives None (a slow tokenizer, or a class that changes its backend's ids) the
+    actor loads AutoTokenizer instead."""
 
     def __init__(self, model: str, max_seq_length: int, prompt: str = "", revision: str = "", trust_remote_code: bool = False,
                  tokenizer=None):
@@ -40,8 +41,8 @@ class TokenizeShards:
 
             from raykit.encoder import hub_options, resolve_model
 
-            slow = AutoTokenizer.from_pretrained(resolve_model(model), **hub_options(revision, trust_remote_code))
-            self.encode = lambda texts: slow(texts, truncation=True, max_length=max_seq_length)["input_ids"]
+            auto = AutoTokenizer.from_pretrained(resolve_model(model), **hub_options(revision, trust_remote_code))
+            self.encode = lambda texts: auto(texts, truncation=True, max_length=max_seq_length)["input_ids"]
         self.prompt = prompt
 
     def __call__(self, batch: dict) -> dict:
