@@ -98,7 +98,8 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (4 logical CPUs: 2 workers plus Ray Data's coordinator)."""
+    """One local Ray for the whole session (4 logical CPUs: 2 workers plus Ray Data's coordinator);
+    yields its State API's address."""
     import ray
 
     from raykit.cluster import own_state_api, quiet_local_ray
@@ -112,9 +113,9 @@ def ray_cluster():
     # Its own State API address, as raykit gives a local Ray (cluster.own_state_api): test_cluster's
     # Ray and test_cli's run beside it. Not in this process's environment: a `ray job submit` from
     # here must reach the cluster it names.
-    ray.init(num_cpus=4, log_to_driver=False, configure_logging=False, **own_state_api())
+    context = ray.init(num_cpus=4, log_to_driver=False, configure_logging=False, **own_state_api())
     os.environ.pop("RAY_API_SERVER_ADDRESS")
-    yield
+    yield f"http://{context.dashboard_url}"  # its State API, for tests that list what ran
     ray.shutdown()
 
 

@@ -63,8 +63,12 @@ def other_model(tiny_model, tmp_path_factory) -> str:
 def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_cluster, s3_server, tiny_model, capsys):
     bucket = s3_server()
     output = f"s3://{bucket}/emb/v1"
+    before = _stage_actors(ray_cluster)
     committed = run(job(tiny_model, output, "embed.concurrency=2", "embed.peak_tflops=0.001"))
     out = capsys.readouterr().out
+    # Two CPU encoders share one tokenizer and one writer: each helper more is a start-up the encoders pay for
+    assert {stage: n - before[stage] for stage, n in _stage_actors(ray_cluster).items()} == {
+        "TokenizeShards": 1, "EncodeShards": 2, "WriteShards": 1}
 
     # The manifest: every shard with its rows and the sha256 of the object as stored.
     client = s3_server.client
@@ -105,6 +109,14 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
     assert "already committed" in capsys.readouterr().out
     after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert after == before
+
+
+def _stage_actors(state_api: str) -> dict[str, int]:
+    """How many actors of each pipeline stage this session's Ray has started (alive or gone), from the State API."""
+    from ray.util.state import list_actors
+
+    names = [(a.class_name or "") + (a.repr_name or "") for a in list_actors(state_api, limit=10_000, detail=True)]
+    return {stage: sum(stage in name for name in names) for stage in ("TokenizeShards", "EncodeShards", "WriteShards")}
 
 
 def _corpus_texts() -> list[str]:
@@ -223,8 +235,13 @@ def test_s3_commit_is_conditional(s3_server):
         manifest.commit(f"s3://{bucket}/x", {"format": manifest.FORMAT, "other": 1})
 
 
-def test_a_bad_embed_job_is_one_line_before_any_worker_starts(tiny_model, tmp_path, capsys):
-    """(A bad line in the corpus, found by a worker, is tests/test_cli.py's case: the real command.)"""
+def test_a_bad_embed_job_is_one_line_before_any_worker_starts(tiny_model, tmp_path, capsys, monkeypatch):
+    """Before Ray starts, even: a first run starts it while the model loads, once the model's config
+    has passed. (A bad line in the corpus, found by a worker, is tests/test_cli.py's case: the real command.)"""
+    from raykit.embed import pipeline
+
+    joined = []
+    monkeypatch.setattr(pipeline, "connect_ray", lambda **options: joined.append(options))  # a spy: was Ray asked for?
     out = tmp_path / "out"
     job = str(REPO / "jobs" / "reembed_scifact.yaml")
     assert "model: not set" in refused(capsys, "embed", job, f"output={out}")
@@ -239,6 +256,7 @@ def test_a_bad_embed_job_is_one_line_before_any_worker_starts(tiny_model, tmp_pa
     assert refused(capsys, "embed", job, f"model={tiny_model}", f"output={out}") == (
         f"raykit: error: output: {out} is a file; give the path of a folder to write")
     assert out.read_text() == "mine"
+    assert not joined
 
 
 def test_an_id_in_two_corpus_files_is_refused_naming_both_and_nothing_is_committed(ray_cluster, tiny_model, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from datetime import datetime, timezone
@@ -26,7 +27,7 @@ from raykit import __version__, storage
 from raykit.cluster import actor_count, connect_ray, node_count, quiet_ray_data, require_shared_storage, worker_error
 from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest, stages
-from raykit.encoder import Encoder
+from raykit.encoder import Encoder, check_length, model_config
 from raykit.errors import RaykitError, RunFailed
 from raykit.flops import mfu
 from raykit.log import format_duration
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # One tokenizer core does ~1,100-2,000 SciFact docs/s at 256 tokens (measured on a 2-core Xeon); a GPU
 # encoder is aimed at ~20,000 (issue 14): the pool may grow to this many tokenizers per GPU encoder.
 TOKENIZERS_PER_GPU = 16
+# A CPU core encodes ~12 such docs/s: one tokenizer (and one writer) keeps up with this many CPU encoders.
+CPU_ENCODERS_PER_HELPER = 32
 PROGRESS_EVERY_S = 10.0
 
 
@@ -45,15 +48,16 @@ def run(job: EmbedJob) -> dict:
     output = storage.resolve(job.output)
     require_shared_storage("output", output)
     source = storage.resolve(job.corpus)
-
-    # Everything checkable is checked before a worker starts.
-    hub = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
-    encoder = Encoder.from_pretrained(job.model, job.max_seq_length, job.prompts.as_dict(), **hub)
-    dim = job.embed.dim or encoder.dim
-    if dim > encoder.dim:
-        raise RaykitError(f"embed.dim: {dim} is larger than the model's {encoder.dim} dimensions; use {encoder.dim} or less")
-    fingerprint = encoder.fingerprint()
     shards = corpus.plan(source, job.embed.shard_mb)
+    committed = manifest.read_committed(output)
+
+    # Everything checkable is checked before a worker starts (or Ray, for a first run: see below).
+    hub = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
+    dim = _checked_dim(job, hub)
+    if committed is None:
+        manifest.check_store(output)
+    encoder = _load_while_ray_starts(job, hub, start_ray=committed is None)
+    fingerprint = encoder.fingerprint()
     identity = {"model": fingerprint, "plan": corpus.plan_fingerprint(shards), "dim": dim, "dtype": job.embed.dtype,
                 "precision": job.embed.precision}
     # recorded in the manifest: `raykit search` reads the prompts from there for a model that stores none
@@ -62,7 +66,6 @@ def run(job: EmbedJob) -> dict:
     tokenizer = stages.fast_tokenizer(encoder.tokenizer, encoder.max_seq_length, encoder.prompts.get("document", ""))  # for its actors
     del encoder
 
-    committed = manifest.read_committed(output)
     replacing = None
     if committed is not None:
         if committed.manifest is not None and _identity(committed.manifest) == identity:
@@ -117,6 +120,33 @@ def run(job: EmbedJob) -> dict:
     return new
 
 
+def _checked_dim(job: EmbedJob, hub: dict) -> int:
+    """The dim this job writes, checked against the model's config (read without its weights): a bad
+    model, max_seq_length or embed.dim is one line before Ray or a worker starts."""
+    config = model_config(job.model, "model", **hub)
+    check_length(config, job.max_seq_length, job.model)
+    width = config.hidden_size
+    dim = job.embed.dim or width
+    if dim > width:
+        raise RaykitError(f"embed.dim: {dim} is larger than the model's {width} dimensions; use {width} or less")
+    return dim
+
+
+def _load_while_ray_starts(job: EmbedJob, hub: dict, start_ray: bool) -> Encoder:
+    """The job's model, loaded on a thread while Ray starts (`start_ray`: nothing is committed yet, so
+    this run will need it). Loading imports and runs on one core; a local Ray's processes start on
+    the others: on a 2-core laptop this overlaps ~5 s of start-up. A model that cannot load is still
+    one line (the CLI leaves Ray before printing it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(Encoder.from_pretrained, job.model, job.max_seq_length, job.prompts.as_dict(), **hub)
+        if start_ray:
+            quiet_ray_data()
+            connect_ray(dashboard=False)  # Ray's start-up stays on this, the main thread (its signal handlers)
+        return loading.result()
+
+
 def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict, tokenizer: dict | None,
               attempt: str):
     import ray.data
@@ -129,17 +159,19 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
     # corpus. Long-lived actors, not tasks: a fixed set of processes, so memory stays flat.
     env = {"runtime_env": {"env_vars": storage.worker_env()}} if storage.worker_env() else {}
 
-    def light(cls, per_encoder: int = 1, **kwargs):
+    def light(cls, per_gpu_encoder: int = 1, **kwargs):
+        # A CPU encoder is far slower than its helpers: each one's pool stays small (a helper's start-up
+        # is a core's second or two that the encoders, starting at the same time, would rather have).
+        size = actors * per_gpu_encoder if cfg.num_gpus else math.ceil(actors / CPU_ENCODERS_PER_HELPER)
         return {"fn": cls, "fn_constructor_kwargs": kwargs, "batch_size": 1, "num_cpus": 0,
-                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors * per_encoder)), **env}
+                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, size)), **env}
 
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
     hub = {key: settings[key] for key in ("revision", "trust_remote_code")}
     # A GPU encodes far faster than one core tokenizes: up to TOKENIZERS_PER_GPU tokenizer actors per GPU
     # encoder, Ray Data growing the pool while encoders wait on it.
-    per_encoder = TOKENIZERS_PER_GPU if cfg.num_gpus else 1
     # the tokenizer's JSON once in the object store (megabytes for a large vocabulary), not in every actor's arguments
-    ds = ds.map_batches(**light(stages.TokenizeShards, per_encoder, model=job.model, max_seq_length=settings["max_seq_length"],
+    ds = ds.map_batches(**light(stages.TokenizeShards, TOKENIZERS_PER_GPU, model=job.model, max_seq_length=settings["max_seq_length"],
                                 prompt=settings["prompts"].get("document", ""), **hub,
                                 tokenizer=ray.put(tokenizer) if tokenizer else None))
     ds = ds.map_batches(
