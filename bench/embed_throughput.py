@@ -79,7 +79,10 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
             except psutil.NoSuchProcess:
                 break
             peak[0] = max(peak[0], total / 2**30)
-            done.wait(0.5)
+            # Reading PSS walks every mapping of every process: each 0.5 s over a Ray run's ~15 processes
+            # it took ~9% of a core from the run it measured (the plain loop is one process). Every 2 s
+            # costs ~2%; the peak is a plateau (models loaded, shards in flight) that lasts minutes.
+            done.wait(2.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

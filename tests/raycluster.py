@@ -74,6 +74,7 @@ class Cluster:
     temp_dirs: list[str] = field(default_factory=list)
     ips: list[str] = field(default_factory=list)
     cpus: list[int] = field(default_factory=list)
+    gpus: int = 0  # logical GPUs per worker node
 
     @property
     def address(self) -> str:
@@ -147,8 +148,9 @@ class Cluster:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, str]) -> Cluster:
-    """A head with no CPUs (it runs drivers, not work) and `workers` nodes of `cpus_per_worker` CPUs."""
+def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, str], gpus_per_worker: int = 0) -> Cluster:
+    """A head with no CPUs (it runs drivers, not work) and `workers` nodes of `cpus_per_worker` CPUs,
+    each also advertising `gpus_per_worker` GPUs to Ray's scheduler (logical: this machine has none)."""
     home = root / "home"
     home.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(32)
@@ -176,6 +178,7 @@ def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, s
     try:
         _start_node(cluster, HEAD_IP, head=True, cpus=0)
         _wait_for_dashboard(cluster)
+        cluster.gpus = gpus_per_worker
         for i in range(workers):
             _start_node(cluster, f"127.0.0.{3 + i}", head=False, cpus=cpus_per_worker)
         _wait_for_nodes(cluster, 1 + workers)
@@ -191,7 +194,7 @@ def _start_node(cluster: Cluster, ip: str, head: bool, cpus: int) -> None:
     cluster.temp_dirs.append(temp_dir)
     low = free_range(WORKER_PORTS)
     args = [
-        str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}", "--num-gpus=0",
+        str(BIN / "ray"), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}", f"--num-gpus={0 if head else cluster.gpus}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
         f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",

@@ -29,7 +29,9 @@ def cluster(tmp_path_factory, s3_server):
     # Ray Data starts a pool's actors asynchronously and feeds whichever is up first: a few small shards
     # could all go to one encoder. Waiting for the whole pool makes "one encoder on each node" certain.
     env = {"HF_HUB_OFFLINE": "1", "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
-    c = raycluster.start(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1, extra_env=env)
+    # Each worker node also offers Ray one GPU, a logical one (this machine has no device: what runs
+    # there computes on its CPU), so that `embed.num_gpus=1` builds the pipeline of a GPU cluster.
+    c = raycluster.start(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=1, extra_env=env, gpus_per_worker=1)
     yield c
     c.stop()
 
@@ -156,6 +158,8 @@ def test_zero3_training_spreads_over_both_nodes_survives_losing_one_and_writes_a
 
 
 def test_embed_runs_an_encoder_actor_on_each_node_and_commits_exact_embeddings(cluster, bucket, s3_server):
+    """`embed.num_gpus=1`: the pipeline a GPU cluster runs, one encoder actor per GPU fed by tokenizer
+    actors and followed by writer actors (the nodes' GPUs are logical: the encoders compute on CPU)."""
     from raykit import storage
     from raykit.data import load_beir
     from raykit.encoder import Encoder
@@ -165,11 +169,12 @@ def test_embed_runs_an_encoder_actor_on_each_node_and_commits_exact_embeddings(c
     status, logs, _ = submit(
         cluster, "raykit", "embed", "jobs/reembed_scifact.yaml", f"model={model}",
         f"corpus=s3://{bucket}/data/quickstart", f"output={output}", "max_seq_length=32",
-        "embed.concurrency=2", "embed.cpus_per_actor=1", "embed.shard_mb=0.01", "embed.precision=fp32",
+        "embed.num_gpus=1", "embed.cpus_per_actor=1", "embed.shard_mb=0.01", "embed.precision=fp32",
         submission_id="embed",
     )
     assert status == "SUCCEEDED", logs[-4000:]
     assert actor_nodes(cluster, "EncodeShards") == ["127.0.0.3", "127.0.0.4"]
+    assert actor_nodes(cluster, "TokenizeShards") and actor_nodes(cluster, "WriteShards")
 
     client = s3_server.client
     committed = json.loads(client.get_object(Bucket=bucket, Key="emb/v1/manifest.json")["Body"].read())

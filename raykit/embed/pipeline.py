@@ -2,11 +2,12 @@
 
 The pipeline, one row per shard (see corpus.py) so that a shard is written whole or not at all:
 
-    plan shards (driver) -> read + tokenize (CPU actors) -> encode (actor pool, GPUs) -> write Parquet (actors)
+    plan shards (driver) -> read + tokenize (CPU actors) -> encode (GPU actors) -> write Parquet (actors)
 
-with the three stages in stages.py. Tokenizing in its own CPU stage keeps the encoder actors busy
-with forward passes only; inside a shard, documents go through longest first in token-budget
-batches, so each pads to similar lengths. Every shard is followed by a small record; when all are
+with the three stages in stages.py. Tokenizing in its own CPU stage keeps a GPU busy with forward
+passes only. On CPUs, where a forward pass costs a hundred times the tokenizing, each encoder actor
+runs the three steps for its shard itself (stages.EmbedShards). Inside a shard, documents go
+through longest first in token-budget batches, so each pads to similar lengths. Every shard is followed by a small record; when all are
 written the driver commits manifest.json (see manifest.py). A rerun skips shards whose record
 matches this model and input, so an interrupted job resumes, and a committed one is a no-op.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 import uuid
 from datetime import datetime, timezone
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 # One tokenizer core does ~1,100-2,000 SciFact docs/s at 256 tokens (measured on a 2-core Xeon); a GPU
 # encoder is aimed at ~20,000 (issue 14): the pool may grow to this many tokenizers per GPU encoder.
 TOKENIZERS_PER_GPU = 16
-# A CPU core encodes ~12 such docs/s: one tokenizer (and one writer) keeps up with this many CPU encoders.
-CPU_ENCODERS_PER_HELPER = 32
 PROGRESS_EVERY_S = 10.0
 
 
@@ -153,53 +151,40 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
 
     cfg = job.embed
     actors = actor_count(cfg.concurrency, cfg.num_gpus, cfg.cpus_per_actor, len(todo))
-
-    # Reading + tokenizing and writing are light next to the forward pass: small actor pools that
-    # take no CPU reservation (the encoders hold the cores) and grow with the encoders, not with the
-    # corpus. Long-lived actors, not tasks: a fixed set of processes, so memory stays flat.
     env = {"runtime_env": {"env_vars": storage.worker_env()}} if storage.worker_env() else {}
-
-    def light(cls, per_gpu_encoder: int = 1, **kwargs):
-        # A CPU encoder is far slower than its helpers: each one's pool stays small (a helper's start-up
-        # is a core's second or two that the encoders, starting at the same time, would rather have).
-        size = actors * per_gpu_encoder if cfg.num_gpus else math.ceil(actors / CPU_ENCODERS_PER_HELPER)
-        return {"fn": cls, "fn_constructor_kwargs": kwargs, "batch_size": 1, "num_cpus": 0,
-                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, size)), **env}
-
-    ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
     hub = {key: settings[key] for key in ("revision", "trust_remote_code")}
-    # A GPU encodes far faster than one core tokenizes: up to TOKENIZERS_PER_GPU tokenizer actors per GPU
-    # encoder, Ray Data growing the pool while encoders wait on it.
     # the tokenizer's JSON once in the object store (megabytes for a large vocabulary), not in every actor's arguments
-    ds = ds.map_batches(**light(stages.TokenizeShards, TOKENIZERS_PER_GPU, model=job.model, max_seq_length=settings["max_seq_length"],
-                                prompt=settings["prompts"].get("document", ""), **hub,
-                                tokenizer=ray.put(tokenizer) if tokenizer else None))
-    ds = ds.map_batches(
-        stages.EncodeShards,
-        fn_constructor_kwargs={
-            "model": job.model,
-            "max_seq_length": settings["max_seq_length"],
-            "prompts": settings["prompts"],
-            **hub,
-            "fingerprint": identity["model"],
-            "dim": identity["dim"],
-            "dtype": identity["dtype"],
-            "batch_size": cfg.batch_size,
-            "batch_tokens": cfg.batch_tokens,
-            "precision": cfg.precision,
-            "threads": max(1, round(cfg.cpus_per_actor)),
-            "peak_tflops": cfg.peak_tflops,
-        },
-        # One shard per call; the actor batches its documents itself. A CPU encoder takes its next
-        # shard only when free: one queued behind a minute-long shard is the run's tail on the
-        # other core. A GPU encoder gets one queued, so its next shard's tokens are already there.
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2 if cfg.num_gpus else 1),
-        num_gpus=cfg.num_gpus,
-        num_cpus=cfg.cpus_per_actor,
-        **env,
-    )
-    return ds.map_batches(**light(stages.WriteShards, output=output, identity=identity, attempt=attempt))
+    read = {"model": job.model, "max_seq_length": settings["max_seq_length"], "prompt": settings["prompts"].get("document", ""),
+            **hub, "tokenizer": ray.put(tokenizer) if tokenizer else None}
+    encode = {"model": job.model, "max_seq_length": settings["max_seq_length"], "prompts": settings["prompts"], **hub,
+              "fingerprint": identity["model"], "dim": identity["dim"], "dtype": identity["dtype"], "batch_size": cfg.batch_size,
+              "batch_tokens": cfg.batch_tokens, "precision": cfg.precision, "threads": max(1, round(cfg.cpus_per_actor)),
+              "peak_tflops": cfg.peak_tflops}
+    write = {"output": output, "identity": identity, "attempt": attempt}
+    ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
+
+    if not cfg.num_gpus:
+        # One shard per call. A CPU encoder takes its next shard only when free: one queued behind a
+        # minute-long shard would be the run's tail on the other core.
+        return ds.map_batches(stages.EmbedShards, fn_constructor_kwargs={"read": read, "write": write, **encode}, batch_size=1,
+                              compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+                              num_cpus=cfg.cpus_per_actor, **env)
+
+    # Reading + tokenizing and writing are light next to a GPU's forward pass: actor pools that take no
+    # CPU reservation and grow with the encoders, not with the corpus; long-lived actors, not tasks, so
+    # that memory stays flat. A GPU encodes far faster than one core tokenizes: up to TOKENIZERS_PER_GPU
+    # tokenizer actors per encoder, Ray Data growing the pool while encoders wait on it.
+    def light(cls, size: int, kwargs: dict):
+        return {"fn": cls, "fn_constructor_kwargs": kwargs, "batch_size": 1, "num_cpus": 0,
+                "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size), **env}
+
+    ds = ds.map_batches(**light(stages.TokenizeShards, actors * TOKENIZERS_PER_GPU, read))
+    # One shard per call, the actor batching its documents itself; one more queued, so that its next
+    # shard's tokens are already there.
+    ds = ds.map_batches(stages.EncodeShards, fn_constructor_kwargs=encode, batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+                        num_gpus=cfg.num_gpus, num_cpus=cfg.cpus_per_actor, **env)
+    return ds.map_batches(**light(stages.WriteShards, actors, write))
 
 
 def _commit(output: str, new: dict, replacing: manifest.Committed | None, written_now: list[str]) -> None:
