@@ -42,7 +42,9 @@ COMMIT_TIMEOUT_S = 20.0  # boto3's: the commit's conditional PUT, manifests read
 # (pyarrow's messages), HTTP 5xx and throttling codes (boto3's).
 _TRANSIENT = ("NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "REQUEST_TIMEOUT",
               "THROTTLING", "HTTP response code: 5", "SlowDown", "ServiceUnavailable", "InternalError",
-              "RequestTimeout", "Throttling", "(500)", "(502)", "(503)", "(504)")
+              "RequestTimeout", "Throttling", "(500)", "(502)", "(503)", "(504)",
+              # a HEAD's reply has no body to name its error: pyarrow says "AWS Error UNKNOWN (HTTP status 503)"
+              "(HTTP status 500)", "(HTTP status 502)", "(HTTP status 503)", "(HTTP status 504)")
 
 
 def is_uri(path: str) -> bool:
@@ -361,9 +363,19 @@ def remove(path: str) -> None:
     fs, p = filesystem(path)
     kind = _info(fs, p, path).type
     if kind == pafs.FileType.Directory:
-        _writing(path, fs.delete_dir, p)
+        _writing(path, _gone_is_done, fs.delete_dir, p)
     elif kind == pafs.FileType.File:
-        _writing(path, fs.delete_file, p)
+        _writing(path, _gone_is_done, fs.delete_file, p)
+
+
+def _gone_is_done(delete, p: str) -> None:
+    """A delete that finds nothing there has nothing left to do: on S3, pyarrow deletes the object and
+    then writes its folder's marker, and when that second request fails the retry finds the object
+    already gone."""
+    try:
+        delete(p)
+    except FileNotFoundError:
+        pass
 
 
 def save_png(fig, target: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import seaweed
-from helpers import S3_ENV
+from helpers import S3_ENV, embed_overrides
 
 import raykit.log
 
@@ -117,6 +117,19 @@ def ray_cluster():
     os.environ.pop("RAY_API_SERVER_ADDRESS")
     yield f"http://{context.dashboard_url}"  # its State API, for tests that list what ran
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quickstart_embedded(ray_cluster, tiny_model, tmp_path_factory) -> tuple[str, dict]:
+    """The quickstart corpus embedded once by an undisturbed run (helpers.embed_overrides, into a local
+    folder): the folder and its manifest. Read it, or copy it before changing it. test_embed compares
+    its runs with it; test_storage_faults' faulted runs must write its very bytes."""
+    from raykit.config import EmbedJob
+    from raykit.embed.pipeline import run
+    from raykit.jobfile import load_job
+
+    out = str(tmp_path_factory.mktemp("embedded") / "out")
+    return out, run(load_job(None, embed_overrides(tiny_model, out), EmbedJob))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -41,6 +41,17 @@ def train_overrides(tiny_model, out, *extra: str) -> list[str]:
     ]
 
 
+# `raykit embed` of the quickstart corpus (~40 kB) as the tests run it: 7 shards (a fault lands with
+# most still to write), max length 48, one encoder actor unless a test asks for more, fp32.
+EMBED_MAX_LEN = 48
+EMBED_SHARD_MB = 0.005
+
+
+def embed_overrides(model: str, output, *extra: str) -> list[str]:
+    return [f"model={model}", f"corpus={QUICKSTART}", f"output={output}", f"max_seq_length={EMBED_MAX_LEN}",
+            f"embed.shard_mb={EMBED_SHARD_MB}", "embed.concurrency=1", "embed.precision=fp32", *extra]
+
+
 def st_ndcg(model_dir: str, dim: int = 32) -> float:
     """nDCG@10 of an output model as sentence-transformers embeds it: independent of raykit's encoder."""
     import torch

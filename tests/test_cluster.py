@@ -45,12 +45,11 @@ def bucket(s3_server, tiny_model) -> str:
     return name
 
 
-def submit(cluster, *entrypoint: str, submission_id: str, needs_workers: bool = True) -> tuple[str, str, float]:
+def submit(cluster, *entrypoint: str, submission_id: str) -> tuple[str, str, float]:
     """`ray job submit --working-dir .`, waiting for the end; returns (status, logs, seconds). The
-    status and logs are read back from the Jobs API, as `ray job status` and `ray job logs` do.
-    `needs_workers`: first wait until the previous job's actors have given back every worker CPU."""
-    if needs_workers:
-        cluster.wait_idle()
+    status and logs are read back from the Jobs API, as `ray job status` and `ray job logs` do. It
+    first waits until the previous job's actors have given back every worker CPU."""
+    cluster.wait_idle()
     started = time.perf_counter()
     submitted = cluster.ray("job", "submit", "--address", cluster.address, "--working-dir", str(REPO),
                             "--submission-id", submission_id, "--", *entrypoint)
@@ -78,11 +77,18 @@ def test_zero3_training_spreads_over_both_nodes_survives_losing_one_and_writes_a
     """Data, base model and every output in S3; ZeRO-3 gathers the sharded weights for the export.
     One worker node is lost for good once step 2's checkpoint is in S3 (its Ray processes SIGKILLed)
     and a fresh node takes its place, as an autoscaler would bring one: the run resumes from its
-    latest checkpoint by itself and trains on exactly the batches of an uninterrupted run."""
+    latest checkpoint by itself and trains on exactly the batches of an uninterrupted run.
+
+    Meanwhile a second submission, a job with a local output_dir, is refused on the head node in one
+    line before any worker starts (its entrypoint takes no CPU), as a user's first try often is."""
     from helpers import uninterrupted_batches_sha256
 
     output = f"s3://{bucket}/runs/zero3"
     client = s3_server.client
+    local = cluster.ray("job", "submit", "--address", cluster.address, "--working-dir", str(REPO), "--submission-id",
+                        "local-output", "--no-wait", "--", "raykit", "train", "jobs/quickstart.yaml",
+                        f"model.name=s3://{bucket}/models/tiny-bert", f"data.train=s3://{bucket}/data/quickstart", "output_dir=runs/local")
+    assert local.returncode == 0, local.stderr[-3000:]
 
     def lose_a_node_after_step_2():
         deadline = time.time() + 600
@@ -153,6 +159,11 @@ def test_zero3_training_spreads_over_both_nodes_survives_losing_one_and_writes_a
     assert {"raykit", "jobs", "tune_spaces", "data", "pyproject.toml"} <= names
     assert not names & {".git", ".venv", "runs", "tests", "k8s"} and not any("bench/results" in str(f) for f in files)
     assert size < UPLOAD_LIMIT
+    # The submission with a local output_dir, long done: failed, raykit's line last in its logs.
+    assert cluster.api("/api/jobs/local-output")["status"] == "FAILED"
+    last = cluster.api("/api/jobs/local-output/logs")["logs"].strip().splitlines()[-1]
+    assert last.startswith("raykit: error: output_dir: ") and "is a local path, but this Ray cluster spans 3 hosts" in last
+    assert last.endswith("output_dir=s3://bucket/prefix")
     record_property("figure", f"[cluster] ray job submit -> SUCCEEDED, 2-node ZeRO-3 training (4 steps, a node lost at step 2 "
                               f"and replaced): {seconds:.1f} s; upload {size / 1e3:.0f} kB in {len(files)} files")
 
@@ -196,15 +207,3 @@ def test_a_submission_with_the_wrong_token_is_refused(cluster):
     assert done.returncode != 0 and "Invalid authentication token" in done.stderr
     listed = cluster.ray("job", "list", "--address", cluster.address).stdout
     assert "echo hello" not in listed
-
-
-def test_a_local_output_on_a_multi_host_cluster_is_refused_in_one_line(cluster, bucket):
-    status, logs, _ = submit(
-        cluster, "raykit", "train", "jobs/quickstart.yaml", f"model.name=s3://{bucket}/models/tiny-bert",
-        f"data.train=s3://{bucket}/data/quickstart", "output_dir=runs/local", submission_id="local-output",
-        needs_workers=False,  # refused on the head node (the entrypoint takes no CPU) before any worker starts
-    )
-    assert status == "FAILED"
-    last = logs.strip().splitlines()[-1]
-    assert last.startswith("raykit: error: output_dir: ") and "is a local path, but this Ray cluster spans 3 hosts" in last
-    assert last.endswith("output_dir=s3://bucket/prefix")

@@ -12,33 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import QUICKSTART, REPO, S3_ENV, refused
+from helpers import EMBED_MAX_LEN as MAX_LEN
+from helpers import EMBED_SHARD_MB as SHARD_MB
+from helpers import QUICKSTART, REPO, S3_ENV, embed_overrides, refused
 
 from raykit.cli import main
 from raykit.config import EmbedJob
 from raykit.data import load_beir
-from raykit.embed import manifest, search
+from raykit.embed import corpus, manifest, search
 from raykit.embed.pipeline import run
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError, RunFailed
 from raykit.evaluate import evaluate
 from raykit.jobfile import load_job
 
-MAX_LEN = 48
-SHARD_MB = 0.01  # data/quickstart's corpus.jsonl (~40 kB) in 4 shards
+SHARDS = len(corpus.plan(str(QUICKSTART), SHARD_MB))  # the quickstart corpus' shards at helpers.EMBED_SHARD_MB
 
 
 def job(model: str, output: str, *extra: str) -> EmbedJob:
     """One encoder actor unless a test asks for more: only the S3 test is about a pool of them."""
-    return load_job(None, [f"model={model}", f"corpus={QUICKSTART}", f"output={output}", f"max_seq_length={MAX_LEN}",
-                           f"embed.shard_mb={SHARD_MB}", "embed.concurrency=1", "embed.precision=fp32", *extra], EmbedJob)
-
-
-@pytest.fixture(scope="module")
-def fp32_output(ray_cluster, tiny_model, tmp_path_factory) -> tuple[str, dict]:
-    """The quickstart corpus embedded once in fp32 (local): read it, or copy it before changing it."""
-    out = str(tmp_path_factory.mktemp("fp32") / "out")
-    return out, run(job(tiny_model, out))
+    return load_job(None, embed_overrides(model, output, *extra), EmbedJob)
 
 
 def copy_of(output: tuple[str, dict], tmp_path) -> tuple[str, dict]:
@@ -74,7 +67,7 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
     # The manifest: every shard with its rows and the sha256 of the object as stored.
     client = s3_server.client
     stored = json.loads(client.get_object(Bucket=bucket, Key="emb/v1/manifest.json")["Body"].read())
-    assert stored == committed and stored["rows"] == 240 and len(stored["shards"]) == 4
+    assert stored == committed and stored["rows"] == 240 and len(stored["shards"]) == SHARDS > 4
     for shard in stored["shards"]:
         body = client.get_object(Bucket=bucket, Key=f"emb/v1/{shard['path']}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == shard["sha256"] and len(body) == shard["bytes"]
@@ -82,7 +75,7 @@ def test_embed_to_s3_commits_a_manifest_that_search_and_evaluation_trust(ray_clu
     assert stored["model"]["fingerprint"] == encoder.fingerprint()
     assert stored["embedding"] == {"dim": 32, "dtype": "float32", "normalized": True, "precision": "fp32", "ran_in": ["fp32"],
                                    "id_column": "id", "column": "embedding"}
-    assert "[raykit] embed 4/4 shards" in out and "committed 240 rows in 4 shards" in out
+    assert f"[raykit] embed {SHARDS}/{SHARDS} shards" in out and f"committed 240 rows in {SHARDS} shards" in out
     # Each encoder actor's docs/s and MFU: their FLOPs add up to the corpus' forward passes (its real tokens)
     from raykit.flops import ModelFlops
 
@@ -122,8 +115,6 @@ def _stage_actors(state_api: str) -> dict[str, int]:
 
 def _corpus_texts() -> list[str]:
     """The quickstart corpus as raykit embeds it: title and text joined (raykit/embed/corpus.py)."""
-    from raykit.embed import corpus
-
     texts = []
     for shard in corpus.plan(str(QUICKSTART), SHARD_MB):
         texts += corpus.read(shard)[1]
@@ -134,12 +125,12 @@ E5 = {"query": "query: ", "document": "passage: "}
 
 
 def test_another_model_is_refused_unless_a_new_run_is_asked_which_may_change_dim_dtype_and_prompts(
-        ray_cluster, tiny_model, other_model, fp32_output, tmp_path, capsys):
+        ray_cluster, tiny_model, other_model, quickstart_embedded, tmp_path, capsys):
     """Committed embeddings of another model are neither overwritten nor searched with this one. A
     new run (new_run=true) replaces them: here at a Matryoshka dim in float16 with E5's prompts for a
     model whose folder stores none. Documents are embedded after the document prompt, and `raykit
     search` puts the query prompt the manifest records before each query."""
-    out, first = copy_of(fp32_output, tmp_path)
+    out, first = copy_of(quickstart_embedded, tmp_path)
     with pytest.raises(RaykitError, match=r"already committed with model sha256:[0-9a-f]{16} .*new_run=true"):
         run(job(other_model, out))
     assert manifest.read_manifest(out) == first  # untouched
@@ -180,11 +171,10 @@ def test_another_model_is_refused_unless_a_new_run_is_asked_which_may_change_dim
         search.search(out, str(tmp_path / "other-prompts"), ["pump valve"])
 
 
-def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, fp32_output, tmp_path, capsys):
+def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, quickstart_embedded, tmp_path, capsys):
     """In bf16, whose embeddings then stay close to the fp32 run's."""
     out = tmp_path / "out"
-    args = [f"model={tiny_model}", f"corpus={QUICKSTART}", f"output={out}", f"max_seq_length={MAX_LEN}",
-            f"embed.shard_mb={SHARD_MB}", "embed.concurrency=1", "embed.precision=bf16"]
+    args = embed_overrides(tiny_model, out, "embed.precision=bf16")
     bf16 = load_job(None, args, EmbedJob)
     # A real write failure part-way: a folder where shard 2's record goes makes its rename fail: the
     # command fails at run time (exit 1) in one line that names the file and says how to resume.
@@ -205,12 +195,12 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
     capsys.readouterr()
     committed = run(bf16)
     text = capsys.readouterr().out
-    assert f"({len(records)} already written)" in text and f"({4 - len(records)} written now)" in text
+    assert f"({len(records)} already written)" in text and f"({SHARDS - len(records)} written now)" in text
     assert committed["rows"] == 240
     for name, mtime in records.items():  # the first run's shards were kept, not redone
         assert (out / "_shards" / name).stat().st_mtime_ns == mtime
 
-    fp32_dir, fp32 = fp32_output
+    fp32_dir, fp32 = quickstart_embedded
     assert committed["embedding"]["ran_in"] == ["bf16"] and committed["model"]["fingerprint"] == fp32["model"]["fingerprint"]
     for a, b in zip(fp32["shards"], committed["shards"]):
         _, x = manifest.read_shard(fp32_dir, a, 32)
@@ -218,8 +208,8 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
         assert (x * y).sum(axis=1).min() > 0.99  # unit vectors: dot = cosine
 
 
-def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, tiny_model, fp32_output, tmp_path):
-    out, committed = copy_of(fp32_output, tmp_path)
+def test_a_tampered_shard_is_refused_and_commits_are_create_only(ray_cluster, tiny_model, quickstart_embedded, tmp_path):
+    out, committed = copy_of(quickstart_embedded, tmp_path)
     out = Path(out)
     with pytest.raises(RunFailed, match="another job committed"):
         manifest.commit(str(out), committed)

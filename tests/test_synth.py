@@ -71,9 +71,10 @@ def test_model_free_queries_are_the_title_then_sentences_and_leave_the_positive(
 
 @pytest.fixture(scope="module")
 def coldstart_run(ray_cluster, tiny_model, tmp_path_factory) -> Path:
-    """jobs/scifact_coldstart.yaml's shape on the quickstart corpus: synthetic pairs, then LoRA on them."""
+    """jobs/scifact_coldstart.yaml's shape on the quickstart corpus: synthetic pairs, then LoRA on them
+    (one worker: the pairs are the point)."""
     out = tmp_path_factory.mktemp("coldstart") / "run"
-    args = overrides(tiny_model, out, "data.train=", "synth.enabled=true", "synth.filter_top_k=20", *SYNTH)
+    args = overrides(tiny_model, out, "data.train=", "synth.enabled=true", "synth.filter_top_k=20", *SYNTH, "scaling.num_workers=1")
     assert main(["train", JOB, *args]) == 0
     return out
 
