@@ -7,9 +7,10 @@ The pipeline, one row per shard (see corpus.py) so that a shard is written whole
 with the three stages in stages.py. Tokenizing in its own CPU stage keeps a GPU busy with forward
 passes only. On CPUs, where a forward pass costs a hundred times the tokenizing, each encoder actor
 runs the three steps for its shard itself (stages.EmbedShards). Inside a shard, documents go
-through longest first in token-budget batches, so each pads to similar lengths. Every shard is followed by a small record; when all are
-written the driver commits manifest.json (see manifest.py). A rerun skips shards whose record
-matches this model and input, so an interrupted job resumes, and a committed one is a no-op.
+through longest first in token-budget batches, so each pads to similar lengths. Every shard is
+followed by a small record; when all are written the driver commits manifest.json (see
+manifest.py). A rerun skips shards whose record matches this model and input, so an interrupted job
+resumes, and a committed one is a no-op.
 """
 
 from __future__ import annotations
