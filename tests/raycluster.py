@@ -170,7 +170,7 @@ def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, s
         "RAY_health_check_failure_threshold": "3",
     }
     env.pop("RAY_ADDRESS", None)
-    cluster = Cluster(root, env, token, gcs_port=free_port(), dashboard_port=free_port())
+    cluster = Cluster(root, env, token, gcs_port=free_port(), dashboard_port=free_port(), gpus=gpus_per_worker)
     # Every process of this cluster finds its own State API: the tests' session Ray runs on this
     # machine too, and Ray Train's placement-group cleaner, scanning for "the" Ray, would find both
     # and die, leaving a finished trial's CPUs held (raykit.cluster.own_state_api, for a local Ray).
@@ -178,7 +178,6 @@ def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, s
     try:
         _start_node(cluster, HEAD_IP, head=True, cpus=0)
         _wait_for_dashboard(cluster)
-        cluster.gpus = gpus_per_worker
         for i in range(workers):
             _start_node(cluster, f"127.0.0.{3 + i}", head=False, cpus=cpus_per_worker)
         _wait_for_nodes(cluster, 1 + workers)
