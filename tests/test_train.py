@@ -1,6 +1,6 @@
-"""`raykit train` on a local Ray (a tiny BERT, the bundled quickstart data): a worker killed and recovered,
-then the driver killed and its run resumed by the rerun past a damaged checkpoint (one run: each costs a
-Ray Train start-up on a small machine), and bad input refused before anything starts."""
+"""`raykit train` on a local Ray (a tiny BERT, the bundled quickstart data): the driver killed and its
+run resumed by the rerun past a damaged checkpoint, and bad input refused before anything starts. (A
+worker lost mid-run, which Ray Train recovers by itself, is test_cluster's lost node.)"""
 
 from __future__ import annotations
 
@@ -20,22 +20,19 @@ from raykit.cli import main
 KILLED = """
 import os, sys
 sys.path.insert(0, {tests!r})
-from helpers import kill_a_worker_after_checkpoint, kill_the_driver_after_checkpoint
+from helpers import kill_the_driver_after_checkpoint
 from raykit.jobfile import load_job
 from raykit.train import driver
-driver.run(load_job({job!r}, {args!r}), callbacks=[kill_a_worker_after_checkpoint(step=2),
-                                                 kill_the_driver_after_checkpoint(os.getpid(), step=4)])
+driver.run(load_job({job!r}, {args!r}), callbacks=[kill_the_driver_after_checkpoint(os.getpid(), step=4)])
 """
 
 
-def test_a_killed_worker_is_recovered_and_a_killed_drivers_run_resumes_past_a_damaged_checkpoint(
-        ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
-    """ZeRO-2 on 2 workers, in a driver of its own. A worker is SIGKILLed after the step-2 checkpoint:
-    Ray Train restarts the group from it by itself (run.max_failures is on by default). Then the driver
-    is SIGKILLed after the step-4 checkpoint, whose largest file is then cut short. The same command
-    again warns in one line, resumes from step 2, and trains on exactly the batches an uninterrupted
-    run does (check_run compares the per-rank digests of the batches' query ids; length-grouped
-    here). Once complete, it is a no-op, and another job there is refused.
+def test_a_killed_drivers_run_resumes_past_a_damaged_checkpoint(ray_cluster, tiny_model, tmp_path, capsys, monkeypatch):
+    """ZeRO-2 on 2 workers, in a driver of its own. The driver is SIGKILLed after the step-4
+    checkpoint, whose largest file is then cut short. The same command again warns in one line,
+    resumes from step 2, and trains on exactly the batches an uninterrupted run does (check_run
+    compares the per-rank digests of the batches' query ids; length-grouped here). Once complete, it
+    is a no-op, and another job there is refused.
 
     The output_dir held another job's complete run, which the first command's new_run=true replaces:
     its files go, a user's file stays. (A LoRA run's resume is the storage outage's in
@@ -61,9 +58,7 @@ def test_a_killed_worker_is_recovered_and_a_killed_drivers_run_resumes_past_a_da
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (out / "run.json").exists() and not (out / "model").exists()
     assert not (out / "checkpoints" / "checkpoint_00000009").exists() and (out / "notes.txt").read_text() == "mine"
-    # the worker's loss was recovered in the run: step 4's checkpoint is a resumed attempt's (-r1)
     [step4] = (out / "checkpoints").glob("checkpoint_00000004*")
-    assert step4.name == "checkpoint_00000004-r1", killed.stderr[-3000:]
     damaged = max((f for f in step4.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     size = damaged.stat().st_size
     damaged.write_bytes(damaged.read_bytes()[:100])
