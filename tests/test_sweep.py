@@ -55,6 +55,7 @@ def sweep(ray_cluster, tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sweep") / "out"
     space = write_space(out.parent / "space.yaml", SPACE)
+    free = ray.available_resources().get("CPU", 0)  # what earlier tests' runs left free on this shared Ray
     with pytest.MonkeyPatch.context() as env:
         # MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI to this process; set here, it is undone
         # after the sweep instead of leaking into later tests' runs.
@@ -63,11 +64,20 @@ def sweep(ray_cluster, tiny_model, tmp_path_factory):
     # Trials ASHA stopped gave their workers' CPUs back (Ray Train's placement-group cleaner, and
     # sweep._reclaim after the last trial): a leak would starve the next trial on a small cluster.
     deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+    while ray.available_resources().get("CPU", 0) < free and time.time() < deadline:
         time.sleep(1)
-    held = {pg: row["bundles"] for pg, row in ray.util.placement_group_table().items() if row["state"] != "REMOVED"}
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], held
+    assert ray.available_resources().get("CPU", 0) == free, _holding_cpus()
     return out
+
+
+def _holding_cpus() -> list:
+    """What holds CPUs on this session's Ray: live actors and placement groups (for a failure's message)."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = [(a.class_name, a.pid, a.required_resources) for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)]
+    groups = [row["bundles"] for row in ray.util.placement_group_table().values() if row["state"] != "REMOVED"]
+    return actors + groups
 
 
 def test_sweep_table_and_early_stopping(sweep):
