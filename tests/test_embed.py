@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,8 @@ def test_another_model_is_refused_unless_a_new_run_is_asked_which_may_change_dim
 
 def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, quickstart_embedded, tmp_path, capsys):
     """In bf16, whose embeddings then stay close to the fp32 run's."""
+    import ray
+
     out = tmp_path / "out"
     args = embed_overrides(tiny_model, out, "embed.precision=bf16")
     bf16 = load_job(None, args, EmbedJob)
@@ -184,6 +187,12 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("raykit: failed: embedding stopped (") and "part-000002.json" in last, last
     assert last.endswith("the shards written so far are kept: rerun the same command to write the rest")
+    # The failed run's encoder gave its CPU back: its actors do not outlive the run (they once held it
+    # for the rest of the session, starving a later test's sweep)
+    deadline = time.time() + 10
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     assert not list(out.glob(".tmp-*"))  # the failed write left no temporary behind
     assert not (out / "manifest.json").exists()  # nothing committed: readers see nothing
     with pytest.raises(RaykitError, match="holds no committed embeddings"):

@@ -66,7 +66,8 @@ def sweep(ray_cluster, tiny_model, tmp_path_factory):
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < free and time.time() < deadline:
         time.sleep(1)
-    assert ray.available_resources().get("CPU", 0) == free, _holding_cpus()
+    # (at least: an earlier test's leftover may also have gone meanwhile)
+    assert ray.available_resources().get("CPU", 0) >= free, _holding_cpus()
     return out
 
 

@@ -15,6 +15,7 @@ resumes, and a committed one is a no-op.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -95,6 +96,7 @@ def run(job: EmbedJob) -> dict:
         connect_ray(dashboard=False)
         if node_count() > 1 and not (storage.is_uri(output) and storage.is_uri(source)):
             raise RaykitError("corpus and output: on a multi-node cluster both must be storage every node reaches (s3://...)")
+        failed = None
         try:
             for row in _pipeline(job, todo, output, identity, settings, tokenizer, attempt).iter_rows():
                 records[row["name"]] = json.loads(row["record"])
@@ -102,8 +104,14 @@ def run(job: EmbedJob) -> dict:
                 written += row["rows"]
                 progress.update(row, written)
         except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
-            raise worker_error(e, "embedding stopped",
-                               "the shards written so far are kept: rerun the same command to write the rest") from None
+            failed = worker_error(e, "embedding stopped",
+                                  "the shards written so far are kept: rerun the same command to write the rest")
+        if failed:
+            # Raised here, not in the except block: chained to Ray's exception, it would keep the
+            # pipeline's frames, and with them its encoder actors (a CPU or GPU each), alive for as
+            # long as the caller holds the error: a notebook, or a test session's shared Ray.
+            gc.collect()  # Ray's own frames hold the exception in cycles
+            raise failed
 
     missing = [s.name for s in shards if s.name not in records]
     if missing:  # cannot happen unless a record vanished underneath us; never commit a gap
