@@ -96,22 +96,7 @@ def run(job: EmbedJob) -> dict:
         connect_ray(dashboard=False)
         if node_count() > 1 and not (storage.is_uri(output) and storage.is_uri(source)):
             raise RaykitError("corpus and output: on a multi-node cluster both must be storage every node reaches (s3://...)")
-        failed = None
-        try:
-            for row in _pipeline(job, todo, output, identity, settings, tokenizer, attempt).iter_rows():
-                records[row["name"]] = json.loads(row["record"])
-                id_hashes[row["name"]] = np.frombuffer(row["id_hashes"], dtype=np.int64)
-                written += row["rows"]
-                progress.update(row, written)
-        except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
-            failed = worker_error(e, "embedding stopped",
-                                  "the shards written so far are kept: rerun the same command to write the rest")
-        if failed:
-            # Raised here, not in the except block: chained to Ray's exception, it would keep the
-            # pipeline's frames, and with them its encoder actors (a CPU or GPU each), alive for as
-            # long as the caller holds the error: a notebook, or a test session's shared Ray.
-            gc.collect()  # Ray's own frames hold the exception in cycles
-            raise failed
+        written = _collect(_pipeline(job, todo, output, identity, settings, tokenizer, attempt), records, id_hashes, progress)
 
     missing = [s.name for s in shards if s.name not in records]
     if missing:  # cannot happen unless a record vanished underneath us; never commit a gap
@@ -208,6 +193,30 @@ def _commit(output: str, new: dict, replacing: manifest.Committed | None, writte
         manifest.remove_shards(output, written_now)
         raise
     manifest.retire(output, old, new)
+
+
+def _collect(ds, records: dict, id_hashes: dict, progress: "_Progress") -> int:
+    """Run the pipeline, filling `records` and `id_hashes` as shards are written; returns the documents
+    embedded. A failure ends in one line; the shards written so far stay for the rerun."""
+    written = 0
+    failed = None
+    try:
+        for row in ds.iter_rows():
+            records[row["name"]] = json.loads(row["record"])
+            id_hashes[row["name"]] = np.frombuffer(row["id_hashes"], dtype=np.int64)
+            written += row["rows"]
+            progress.update(row, written)
+    except Exception as e:  # noqa: BLE001 - a worker's bad-input error arrives wrapped by Ray
+        failed = worker_error(e, "embedding stopped",
+                              "the shards written so far are kept: rerun the same command to write the rest")
+    if failed:
+        # Raised here, not in the except block: chained to Ray's exception, it would keep the
+        # pipeline's frames, and with them its encoder actors (a CPU or GPU each), alive for as
+        # long as the caller holds the error: a notebook, or a test session's shared Ray.
+        del ds
+        gc.collect()  # Ray's own frames hold the exception in cycles
+        raise failed
+    return written
 
 
 def _refuse_duplicate_ids(shards: list[corpus.Shard], id_hashes: dict[str, np.ndarray]) -> None:
