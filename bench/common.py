@@ -15,14 +15,14 @@ RESULTS = REPO / "bench" / "results"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def raykit_train(job: str, out: Path, *overrides: str) -> dict:
+def raykit_train(job: str, out: Path, *overrides: str, env: dict | None = None) -> dict:
     """`raykit train` in its own process (its own local Ray), as the README runs it; returns run.json."""
     cmd = [sys.executable, "-m", "raykit", "train", str(REPO / job), f"output_dir={out}", *overrides]
     print("$", " ".join(cmd[2:]), flush=True)
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, env=env or ENV, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         sys.exit(f"raykit train failed ({proc.returncode}); see {log}")
     return json.loads((out / "run.json").read_text())
