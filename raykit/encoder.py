@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raykit import storage
+from raykit import cache, storage
 from raykit.config import ModelConfig, Prompts
 from raykit.errors import RaykitError
 
@@ -28,7 +28,7 @@ def resolve_model(name: str, key: str = "model.name") -> str:
     folder (fetched once per node, e.g. a raykit run's model/ on a cluster); else `name`. `key`: the
     job key that named it, for the error."""
     if storage.is_uri(name):
-        return storage.local_copy(name)
+        return cache.local_copy(name)
     if not name.startswith("pkg:"):
         # A path (not a hub id like org/name) that is not there: say so, not the hub's "Repo id" rule.
         if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():

@@ -17,7 +17,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykit import storage
+from raykit import cache, storage
 from raykit.config import Columns
 from raykit.errors import DataError
 from raykit.textfiles import read_jsonl, utf8
@@ -113,7 +113,7 @@ def _dataset(path: str, split: str) -> list[tuple[str, dict]]:
             raise DataError(f"{path}: cannot load this dataset from the hub ({str(e).splitlines()[0]}); "
                             "save it with save_to_disk where the hub is reachable and point data.train at the folder") from None
     else:
-        ds = datasets.load_from_disk(storage.local_copy(path) if storage.is_uri(path) else storage.resolve(path))
+        ds = datasets.load_from_disk(cache.local_copy(path) if storage.is_uri(path) else storage.resolve(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split '{split}' in this dataset (it has {', '.join(ds)}); set data.split")

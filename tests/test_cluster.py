@@ -142,10 +142,10 @@ def test_zero3_training_spreads_over_both_nodes_survives_losing_one_and_writes_a
     # The model in S3 loads with sentence-transformers, and embeds as raykit does.
     from sentence_transformers import SentenceTransformer
 
-    from raykit import storage
+    from raykit import cache
     from raykit.encoder import Encoder
 
-    local = storage.local_copy(f"{output}/model")
+    local = cache.local_copy(f"{output}/model")
     text = ["the pump seal leaks", "restart the chiller"]
     st = SentenceTransformer(local, device="cpu").encode(text, convert_to_numpy=True)
     np.testing.assert_allclose(st, Encoder.from_pretrained(local).encode(text, role="document").numpy(), atol=1e-5)
@@ -171,7 +171,7 @@ def test_zero3_training_spreads_over_both_nodes_survives_losing_one_and_writes_a
 def test_embed_runs_an_encoder_actor_on_each_node_and_commits_exact_embeddings(cluster, bucket, s3_server):
     """`embed.num_gpus=1`: the pipeline a GPU cluster runs, one encoder actor per GPU fed by tokenizer
     actors and followed by writer actors (the nodes' GPUs are logical: the encoders compute on CPU)."""
-    from raykit import storage
+    from raykit import cache
     from raykit.data import load_beir
     from raykit.encoder import Encoder
 
@@ -191,7 +191,7 @@ def test_embed_runs_an_encoder_actor_on_each_node_and_commits_exact_embeddings(c
     committed = json.loads(client.get_object(Bucket=bucket, Key="emb/v1/manifest.json")["Body"].read())
     corpus = load_beir(str(QUICKSTART), "test").corpus
     assert committed["rows"] == len(corpus) and len(committed["shards"]) > 2
-    encoder = Encoder.from_pretrained(storage.local_copy(model), 32)
+    encoder = Encoder.from_pretrained(cache.local_copy(model), 32)
     for shard in committed["shards"]:
         body = client.get_object(Bucket=bucket, Key=f"emb/v1/{shard['path']}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == shard["sha256"]
