@@ -145,8 +145,9 @@ def pytest_terminal_summary(terminalreporter):
 
 # The longest modules (`make test`'s --durations) first: pytest-xdist hands whole modules (--dist
 # loadfile, in collection order with --no-loadscope-reorder) to whichever worker is free, and started
-# last, one of these would leave the other worker idle.
-LONGEST_FIRST = ("test_storage_faults.py", "test_cluster.py", "test_sweep.py", "test_train.py", "test_mine.py",
+# last, one of these would leave the other worker idle. (The storage-fault tests run in a lane of
+# their own: Makefile, `test`.)
+LONGEST_FIRST = ("test_cluster.py", "test_sweep.py", "test_train.py", "test_mine.py",
                  "test_embed.py", "test_cli.py", "test_synth.py")
 
 

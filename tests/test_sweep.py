@@ -182,7 +182,7 @@ def test_an_interrupted_sweep_into_s3_resumes(ray_cluster, s3_server, tiny_model
         if " completed after " in line:
             break
     watchdog.cancel()
-    assert " completed after " in shown[-1], "".join(shown)[-3000:]
+    assert shown and " completed after " in shown[-1], "".join(shown)[-3000:]  # not killed, nor ended first
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     log = "".join(shown) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, log[-3000:]
