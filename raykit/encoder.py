@@ -171,8 +171,15 @@ class Encoder(nn.Module):
         if self.prompts:  # only then: a model without prompts keeps the fingerprint it always had
             settings["prompts"] = self.prompts
         h.update(json.dumps(settings, sort_keys=True).encode())
-        vocab = self.tokenizer.backend_tokenizer.to_str() if self.tokenizer.is_fast else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
-        h.update(hashlib.sha256(vocab.encode()).digest())
+        if self.tokenizer.is_fast:
+            # without the truncation and padding a fast tokenizer keeps from its last call: raykit sets
+            # both on every call, and the fingerprint must not change once the encoder has tokenized
+            vocab = json.loads(self.tokenizer.backend_tokenizer.to_str())
+            for state in ("truncation", "padding"):
+                vocab.pop(state, None)
+        else:
+            vocab = self.tokenizer.get_vocab()
+        h.update(hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).digest())
         for name, tensor in sorted(self.model.state_dict().items()):
             t = tensor.detach().to("cpu").contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())

@@ -130,6 +130,16 @@ def test_prompts_go_before_each_role_and_round_trip_through_sentence_transformer
     assert again.prompts == E5 and again.fingerprint() == encoder.fingerprint()
 
 
+def test_the_fingerprint_is_the_model_not_its_tokenizers_last_call(tiny_model):
+    """A fast tokenizer keeps its last call's truncation and padding in its state: the fingerprint (what
+    `raykit search` and the encoder actors compare) must not change once the encoder has tokenized."""
+    encoder = Encoder.from_pretrained(tiny_model, 16)
+    before = encoder.fingerprint()
+    encoder.encode(TEXTS, role="document")
+    encoder.tokenizer(TEXTS, truncation=True, max_length=5)
+    assert encoder.fingerprint() == before == Encoder.from_pretrained(tiny_model, 16).fingerprint()
+
+
 def test_a_folder_sentence_transformers_saved_is_read_as_it_reads_it(tiny_model, tmp_path):
     """A base model saved by sentence-transformers itself (its version 6 format: `pooling_mode`, the
     length in the tokenizer's config) with prompts: raykit embeds as it does, for training and
@@ -250,3 +260,4 @@ def test_saving_does_not_import_deepspeed_in_a_process_without_it(tiny_model, tm
     Encoder.load(ModelConfig(name=tiny_model, max_seq_length=16)).save(tmp_path / "m")
     assert "deepspeed" not in sys.modules
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
