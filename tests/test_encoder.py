@@ -261,3 +261,16 @@ def test_saving_does_not_import_deepspeed_in_a_process_without_it(tiny_model, tm
     assert "deepspeed" not in sys.modules
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
+
+def test_a_gpu_process_takes_attention_kernels_that_need_no_plan_per_shape():
+    """raykit/device.py: on a GPU, cuDNN's attention (a plan built per new batch shape) is off; a CPU
+    process's settings are left as they are. The flag is process-wide and needs no GPU to read."""
+    from raykit.device import configure
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert configure("cpu") == torch.device("cpu") and torch.backends.cuda.cudnn_sdp_enabled()
+        assert configure("cuda") == torch.device("cuda") and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

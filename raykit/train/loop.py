@@ -19,6 +19,7 @@ import torch.distributed as dist
 import raykit.log
 from raykit.config import JobConfig
 from raykit.data import Beir, negative_count
+from raykit.device import configure
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
 from raykit.log import format_duration
@@ -44,7 +45,7 @@ def train_fn_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(job.train.seed)  # same init on every rank; DDP/DeepSpeed also broadcast rank 0's
     torch.set_num_threads(job.scaling.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    device = configure(ray.train.torch.get_device())
     raykit.log.setup(config["log_level"])
     _quiet_ray_train_reports()
     log = _rank0_logger(rank)

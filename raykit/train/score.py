@@ -96,9 +96,9 @@ def run(job: JobConfig, triplets: str) -> str:
 
 class _Teacher:
     def __init__(self, model: str, kind: str, max_seq_length: int, batch_size: int, scale: float):
-        import torch
+        from raykit.device import local_device
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = local_device()
         self.kind, self.batch_size, self.scale, self.max_len = kind, batch_size, scale, max_seq_length
         if kind == "bi_encoder":
             self.encoder = Encoder.from_pretrained(model).to(self.device).eval()

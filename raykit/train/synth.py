@@ -259,13 +259,14 @@ class _Generator:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+        from raykit.device import local_device
         from raykit.encoder import resolve_model
         from raykit.precision import use_bf16
 
         path = resolve_model(model)
         config = AutoConfig.from_pretrained(path)
         self.seq2seq = bool(config.is_encoder_decoder)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = local_device()
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right" if self.seq2seq else "left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
