@@ -12,7 +12,7 @@ import torch
 from raykit.config import ModelConfig
 from raykit.encoder import Encoder
 from raykit.train.batches import take
-from raykit.train.feed import AHEAD, Ahead, prepare
+from raykit.train.feed import AHEAD, Ahead, feed_threads, prepare
 
 TEXTS = [f"query {i} " + "word " * (i % 7) for i in range(40)]
 
@@ -35,12 +35,13 @@ def same(a, b) -> None:
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-@pytest.mark.parametrize("chunk", [0, 3])
-def test_batches_read_ahead_are_the_ones_read_in_line_in_the_same_order(encoder, chunk):
-    """Plain and gradient-cached (chunks of 3, longest first); while the thread reads ahead, the loop's
-    thread tokenizes too (evaluation does), with the encoder's own tokenizer."""
+@pytest.mark.parametrize("chunk,threads", [(0, 1), (3, 1), (3, 3)])
+def test_batches_read_ahead_are_the_ones_read_in_line_in_the_same_order(encoder, chunk, threads):
+    """Plain and gradient-cached (chunks of 3, longest first), on one thread and on three at once (a
+    GPU worker's); while the threads read ahead, the loop's thread tokenizes too (evaluation does),
+    with the encoder's own tokenizer."""
     steps = [np.array([4 * s + j for j in range(4)]) for s in range(10)]
-    with Ahead(encoder, table(), steps, chunk, "cpu") as ahead:
+    with Ahead(encoder, table(), steps, chunk, "cpu", threads) as ahead:
         read = []
         for prepared in ahead:
             encoder.tokenize(TEXTS, role="query")
@@ -65,7 +66,12 @@ def test_leaving_early_stops_the_thread_and_an_error_reaches_the_loop(encoder):
         first = next(iter(ahead))
     assert first.batch["query_id"].tolist() == [0]
     assert len(made) <= 1 + AHEAD + 1  # the one taken, AHEAD queued, one waiting for room
-    assert not [t for t in threading.enumerate() if t.name == "raykit-feed"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("raykit-feed")]
 
     with pytest.raises(IndexError), Ahead(encoder, table(), [np.array([0]), np.array([99])], 0, "cpu") as ahead:
         assert [p.batch["query_id"].tolist() for p in ahead] == [[0]]
+
+
+def test_a_gpu_worker_reads_ahead_on_all_its_cores_but_one_and_a_cpu_worker_on_one():
+    assert [feed_threads(cpus, "cuda") for cpus in (1, 2, 8)] == [1, 1, 7]
+    assert [feed_threads(cpus, "cpu") for cpus in (1, 8)] == [1, 1]

@@ -1,12 +1,13 @@
 """The training input: each step's rows read, tokenized and pinned a few steps ahead of the model.
 
-A background thread takes each step's rows from the table (in batches.py's order, unchanged: a resumed
-run reads exactly what an uninterrupted one does), tokenizes them and, for a GPU, places the tensors
+Background threads take each step's rows from the table (in batches.py's order, unchanged: a resumed
+run reads exactly what an uninterrupted one does), tokenize them and, for a GPU, place the tensors
 in pinned memory, while the training loop runs the steps before. The tokenizer is Rust code that
-releases the GIL, so on a GPU node the host's work overlaps the device's, and the copy to the device
-does not block the host. On the H200 check a step waited on this work, done in line (raykit#14).
+releases the GIL, so on a GPU node the host's work overlaps the device's, several steps are
+tokenized at once on several cores, and the copy to the device does not block the host. On the H200
+check a step first waited on this work done in line, then on one thread doing it (raykit#14).
 
-The thread tokenizes with its own copy of the tokenizer: evaluation tokenizes on the loop's thread
+Each thread tokenizes with its own copy of the tokenizer: evaluation tokenizes on the loop's thread
 meanwhile, and a fast tokenizer used from two threads at once fails ("Already borrowed").
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 import copy
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,49 +75,51 @@ def prepare(encoder: Encoder, batch: dict, chunk: int, device, tokenizer=None) -
     return Prepared(batch, groups, orders, lengths)
 
 
-_END = object()
+def feed_threads(cpus: int, device) -> int:
+    """Read-ahead threads for a worker with `cpus` cores. On a GPU, all but the core that runs the
+    loop: one core tokenizes ~900 SciFact passages of 256 tokens a second, and an H200 trains on more
+    pairs than that (bench/gpu_check.py). On a CPU one: torch's threads hold the cores, and tokenizing
+    costs ~1% of a step there."""
+    return max(1, cpus - 1) if torch.device(device).type == "cuda" else 1
 
 
 class Ahead:
-    """The prepared batches of `steps` (row indices, one array per step), in order, made on a
-    background thread up to AHEAD steps early. Use as a context manager: leaving it (the run's last
-    step, an error) stops the thread."""
+    """The prepared batches of `steps` (row indices, one array per step), in order, made by `threads`
+    background threads up to AHEAD + threads steps early. Use as a context manager: leaving it (the
+    run's last step, an error) stops the threads."""
 
-    def __init__(self, encoder: Encoder, table: pa.Table, steps: Iterable[np.ndarray], chunk: int, device):
-        self._ready: queue.Queue = queue.Queue(maxsize=AHEAD)
-        self._stop = threading.Event()
-        tokenizer = copy.deepcopy(encoder.tokenizer)
-        make = lambda rows: prepare(encoder, take(table, rows), chunk, device, tokenizer)  # noqa: E731
-        self._thread = threading.Thread(target=self._fill, args=(make, steps), name="raykit-feed", daemon=True)
-        self._thread.start()
+    def __init__(self, encoder: Encoder, table: pa.Table, steps: Iterable[np.ndarray], chunk: int, device, threads: int = 1):
+        # one tokenizer per thread, copied here on the loop's thread: a copy made while the loop's
+        # thread tokenizes with the encoder's own could fail as two uses at once do
+        copies: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(threads):
+            copies.put(copy.deepcopy(encoder.tokenizer))
+        mine = threading.local()
 
-    def _fill(self, make, steps) -> None:
-        try:
-            for rows in steps:
-                if not self._put(make(rows)):
-                    return
-            self._put(_END)
-        except BaseException as e:  # raised again on the loop's thread, where it is read
-            self._put(e)
+        def make(rows: np.ndarray) -> Prepared:
+            if not hasattr(mine, "tokenizer"):
+                mine.tokenizer = copies.get_nowait()
+            return prepare(encoder, take(table, rows), chunk, device, mine.tokenizer)
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        self._make, self._steps = make, iter(steps)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="raykit-feed")
+        self._pending: deque[Future] = deque()
+        for _ in range(AHEAD + threads):
+            self._submit()
+
+    def _submit(self) -> None:
+        rows = next(self._steps, None)
+        if rows is not None:
+            self._pending.append(self._pool.submit(self._make, rows))
 
     def __iter__(self) -> Iterator[Prepared]:
-        while (item := self._ready.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        while self._pending:
+            prepared = self._pending.popleft().result()  # an error while reading ahead is raised here
+            self._submit()
+            yield prepared
 
     def __enter__(self) -> Ahead:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -28,7 +28,7 @@ from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
 from raykit.train import checkpoints, gradcache
 from raykit.train.batches import BatchDigest, epoch_batches, row_lengths
-from raykit.train.feed import Ahead, Prepared, prepare
+from raykit.train.feed import Ahead, Prepared, feed_threads, prepare
 from raykit.train.meter import Throughput
 from raykit.train.tracking import RunLog
 
@@ -72,9 +72,10 @@ def train_fn_per_worker(config: dict) -> None:
     last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
     step = state["step"]
     # a resumed run starts at the step its checkpoint holds; each step's input is read and
-    # tokenized ahead, on a thread of its own (raykit/train/feed.py)
+    # tokenized ahead, on threads of its own (raykit/train/feed.py)
     steps = _batches_from(step, total_steps, steps_per_epoch, table, world, rank, job)
-    with Ahead(trainee.encoder, table, steps, job.loss.mini_batch_size, device) as ahead:
+    threads = feed_threads(job.scaling.cpus_per_worker, device)
+    with Ahead(trainee.encoder, table, steps, job.loss.mini_batch_size, device, threads) as ahead:
         for prepared in ahead:
             digest.update(prepared.batch)
             loss, grad_norm, lengths = training_step(trainee, prepared, job, device)
