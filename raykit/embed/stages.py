@@ -112,11 +112,12 @@ class EncodeShards:
 
         import torch
 
+        from raykit.device import local_device
         from raykit.encoder import Encoder
         from raykit.flops import ModelFlops, peak_flops
         from raykit.precision import use_bf16
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = local_device()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         encoder = Encoder.from_pretrained(model, max_seq_length, prompts, revision, trust_remote_code)
@@ -145,20 +146,24 @@ class EncodeShards:
         lengths = np.frombuffer(batch["lengths"][0], dtype=np.int64)
         tokens = np.frombuffer(batch["tokens"][0], dtype=np.int32)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        out = np.empty((len(lengths), self.dim), dtype=np.float32)
+        order, parts = [], []
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for idx in self._batches(lengths):
                 width = int(lengths[idx].max())
+                mask = np.arange(width) < lengths[idx, None]  # row-major: each row's tokens, then its padding
                 ids = np.full((len(idx), width), self.pad, dtype=np.int64)
-                mask = np.zeros((len(idx), width), dtype=np.int64)
-                for row, i in enumerate(idx):
-                    ids[row, : lengths[i]] = tokens[starts[i]: starts[i] + lengths[i]]
-                    mask[row, : lengths[i]] = 1
-                emb = self.encoder(*(self._to_device(torch.from_numpy(a)) for a in (ids, mask))).float()
+                ids[mask] = np.concatenate([tokens[starts[i]: starts[i] + lengths[i]] for i in idx])
+                emb = self.encoder(*(self._to_device(torch.from_numpy(a)) for a in (ids, mask.astype(np.int64)))).float()
                 if self.dim < emb.shape[1]:  # Matryoshka: keep the prefix, re-normalize if the model normalizes
                     emb = emb[:, : self.dim]
                     emb = F.normalize(emb, dim=-1) if self.encoder.normalize else emb
-                out[idx] = emb.cpu().numpy()  # to the host: also waits for the device
+                order.append(idx)
+                parts.append(emb)
+            # to the host once per shard: a copy per batch would wait for the device each time, and it
+            # would idle while the host pads the next batch
+            out = np.empty((len(lengths), self.dim), dtype=np.float32)
+            if parts:
+                out[np.concatenate(order)] = torch.cat(parts).cpu().numpy()
         busy = time.perf_counter() - started
         _release_memory()
         return {
