@@ -75,6 +75,7 @@ class Cluster:
     ips: list[str] = field(default_factory=list)
     cpus: list[int] = field(default_factory=list)
     gpus: int = 0  # logical GPUs per worker node
+    restarts: dict[int, int] = field(default_factory=dict)  # node index: starts again after exiting at start
 
     @property
     def address(self) -> str:
@@ -125,13 +126,30 @@ class Cluster:
         _start_node(self, ip, head=False, cpus=self.cpus[i])
         for field_ in (self.nodes, self.temp_dirs, self.ips, self.cpus):  # the new node takes the old one's place
             field_[i] = field_.pop()
+        self.restarts[i] = 0
         # joined, and the lost one known dead (the GCS's health check): the cluster's CPUs add up again
-        code = f"result = sorted(n['Alive'] for n in ray.nodes() if n['NodeManagerAddress'] == '{ip}')"
+        code = f"result = [n['Alive'] for n in ray.nodes() if n['NodeManagerAddress'] == '{ip}']"
         deadline = time.time() + 120
-        while probe(self, code) != [False, True]:
+        while not _answer(self, lambda alive: alive.count(True) == 1 and False in alive, code):
             if time.time() > deadline:
                 raise RuntimeError(f"the node replacing {ip} did not join")
+            self.restart_exited(i)
             time.sleep(1)
+
+    def restart_exited(self, i: int, most: int = 2) -> None:
+        """Start worker node i again if its `ray start` exited while starting, as an autoscaler would
+        start another: on busy cores its raylet can give up waiting for the dashboard agent's port file
+        (a fixed 15 s, ray-project/ray#65983) and exit, and the node never joins."""
+        if i == 0 or self.nodes[i].poll() is None:
+            return
+        self.restarts[i] = self.restarts.get(i, 0) + 1
+        if self.restarts[i] > most:
+            raise RuntimeError(f"node {self.ips[i]} exited at start {most + 1} times; see {self.root}/ray-start-{self.ips[i]}.log")
+        _kill_stragglers([self.temp_dirs[i]])
+        shutil.rmtree(self.temp_dirs[i], ignore_errors=True)
+        _start_node(self, self.ips[i], head=False, cpus=self.cpus[i])
+        for field_ in (self.nodes, self.temp_dirs, self.ips, self.cpus):
+            field_[i] = field_.pop()
 
     def stop(self) -> None:
         # SIGKILL to every group at once, workers and head alike: a test cluster needs no graceful drain,
@@ -230,6 +248,13 @@ def _wait_for_dashboard(cluster: Cluster, timeout: float = 120) -> None:
     raise RuntimeError("the head's dashboard did not come up")
 
 
+def _answer(cluster: Cluster, ok, code: str) -> bool:
+    try:
+        return ok(probe(cluster, code))
+    except RuntimeError:  # a GCS just started, on busy cores, may not answer a driver in time yet
+        return False
+
+
 def _wait_for_nodes(cluster: Cluster, count: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     alive: object = None
@@ -240,6 +265,8 @@ def _wait_for_nodes(cluster: Cluster, count: int, timeout: float = 120) -> None:
             alive = e
         if alive == count:
             return
+        for i in range(1, len(cluster.nodes)):
+            cluster.restart_exited(i)
         time.sleep(1)
     raise RuntimeError(f"{count} nodes did not join in {timeout:.0f}s (last: {alive})")
 

