@@ -194,11 +194,22 @@ def start(root: Path, workers: int, cpus_per_worker: int, extra_env: dict[str, s
     # and die, leaving a finished trial's CPUs held (raykit.cluster.own_state_api, for a local Ray).
     env["RAY_API_SERVER_ADDRESS"] = cluster.address
     try:
-        _start_node(cluster, HEAD_IP, head=True, cpus=0)
-        _wait_for_dashboard(cluster)
+        # One node at a time, each started again if it exits while starting: on 2 busy cores a node's
+        # raylet may give up after a fixed 15 s waiting for its dashboard agent (ray-project/ray#65983),
+        # and nodes starting together make their agents slower.
+        for attempt in range(3):
+            _start_node(cluster, HEAD_IP, head=True, cpus=0)
+            if _head_joined(cluster):
+                break
+            _kill_stragglers(cluster.temp_dirs)
+            shutil.rmtree(cluster.temp_dirs[0], ignore_errors=True)
+            for field_ in (cluster.nodes, cluster.temp_dirs, cluster.ips, cluster.cpus):
+                field_.pop()
+        else:
+            raise RuntimeError(f"the head node exited at start 3 times; see {cluster.root}/ray-start-{HEAD_IP}.log")
         for i in range(workers):
             _start_node(cluster, f"127.0.0.{3 + i}", head=False, cpus=cpus_per_worker)
-        _wait_for_nodes(cluster, 1 + workers)
+            _wait_for_nodes(cluster, 2 + i)
     except BaseException:
         cluster.stop()
         raise
@@ -232,20 +243,25 @@ def _start_node(cluster: Cluster, ip: str, head: bool, cpus: int) -> None:
     cluster.cpus.append(cpus)
 
 
-def _wait_for_dashboard(cluster: Cluster, timeout: float = 120) -> None:
+def _head_joined(cluster: Cluster, timeout: float = 180) -> bool:
+    """True once the head's dashboard answers and its raylet has joined (a raylet registers only after
+    its wait for the agents); False if the head exited first."""
     deadline = time.time() + timeout
+    up = False
     while time.time() < deadline:
         if cluster.nodes[0].poll() is not None:
-            raise RuntimeError(f"the head node exited; see {cluster.root}/ray-start-{HEAD_IP}.log")
-        try:
-            with urllib.request.urlopen(f"{cluster.address}/api/version", timeout=2):
-                pass
-            return
-        except OSError as e:
-            if getattr(e, "code", None) in (401, 403):  # up, and asking for the token
-                return
-            time.sleep(1)
-    raise RuntimeError("the head's dashboard did not come up")
+            return False
+        if not up:
+            try:
+                with urllib.request.urlopen(f"{cluster.address}/api/version", timeout=2):
+                    pass
+                up = True
+            except OSError as e:
+                up = getattr(e, "code", None) in (401, 403)  # up, and asking for the token
+        if up and _answer(cluster, lambda alive: alive == 1, "result = sum(n['Alive'] for n in ray.nodes())"):
+            return True
+        time.sleep(1)
+    raise RuntimeError("the head node did not come up")
 
 
 def _answer(cluster: Cluster, ok, code: str) -> bool:
