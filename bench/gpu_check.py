@@ -12,9 +12,9 @@ machine): one short run that prints the issue's GPU figures and writes them to O
    the trained one.
 2. Embedding: the encoder actor of `raykit embed` (raykit.embed.stages.EncodeShards) on shards of
    already-tokenized SciFact documents, as its tokenizer actors hand them over: docs/s and MFU per GPU,
-   fp32 and bf16, at a few batch sizes, and with the weights themselves in bf16. Beside it, on the same GPU: Encoder.encode (tokenizing in its
-   own thread) and plain sentence-transformers encode with its defaults; and what one tokenizer core
-   does, so the tokenizer actors a GPU needs.
+   fp32 and bf16, at a few batch sizes, and with the weights themselves in bf16. Beside it, on the
+   same GPU: Encoder.encode (tokenizing in its own thread) and plain sentence-transformers encode
+   with its defaults; and what one tokenizer core does, so the tokenizer actors a GPU needs.
 3. (--scan-seconds N) a learning-rate x epochs scan on SciFact to choose the jobs' defaults.
 
 --parts picks among train, embed (the default: both), sdpa (training and an encoder actor's first
