@@ -2,8 +2,9 @@
 
 cuDNN's fused attention, one of PyTorch's scaled-dot-product-attention backends and the one torch 2.11
 takes on an H200 for padded batches, builds an execution plan for every new input shape: ~18 ms of
-host time for each layer's forward, as much for its backward. Text batches come in a new shape almost every batch (the longest text
-sets the width), so until every shape has been seen it is the slow path. On the H200 check
+host time for each layer's forward, as much for its backward. Text batches come in a new shape
+almost every batch (the longest text sets the width), so until every shape has been seen it is the
+slow path. On the H200 check
 (`bench/gpu_check.py --parts sdpa`) an encoder actor's first pass over a shard ran at 984 docs/s with
 it and 18,125 without, and LoRA trained at 254 pairs/s against 537; once every shape had been seen it
 was no faster (24,325 docs/s against 25,687). Without it PyTorch takes flash or memory-efficient

@@ -122,10 +122,7 @@ class Cluster:
         i = self.ips.index(ip)
         _signal_group(self.nodes[i], signal.SIGKILL)
         self.nodes[i].wait(timeout=30)
-        _kill_stragglers([self.temp_dirs[i]])
-        _start_node(self, ip, head=False, cpus=self.cpus[i])
-        for field_ in (self.nodes, self.temp_dirs, self.ips, self.cpus):  # the new node takes the old one's place
-            field_[i] = field_.pop()
+        self._fresh_node(i)
         self.restarts[i] = 0
         # joined, and the lost one known dead (the GCS's health check): the cluster's CPUs add up again
         code = f"result = [n['Alive'] for n in ray.nodes() if n['NodeManagerAddress'] == '{ip}']"
@@ -145,10 +142,14 @@ class Cluster:
         self.restarts[i] = self.restarts.get(i, 0) + 1
         if self.restarts[i] > most:
             raise RuntimeError(f"node {self.ips[i]} exited at start {most + 1} times; see {self.root}/ray-start-{self.ips[i]}.log")
+        self._fresh_node(i)
+
+    def _fresh_node(self, i: int) -> None:
+        """A fresh worker node in node i's place (same address and CPUs), once i's processes are gone."""
         _kill_stragglers([self.temp_dirs[i]])
         shutil.rmtree(self.temp_dirs[i], ignore_errors=True)
         _start_node(self, self.ips[i], head=False, cpus=self.cpus[i])
-        for field_ in (self.nodes, self.temp_dirs, self.ips, self.cpus):
+        for field_ in (self.nodes, self.temp_dirs, self.ips, self.cpus):  # the new node takes the old one's place
             field_[i] = field_.pop()
 
     def stop(self) -> None:

@@ -78,8 +78,8 @@ def prepare(encoder: Encoder, batch: dict, chunk: int, device, tokenizer=None) -
 def feed_threads(cpus: int, device) -> int:
     """Read-ahead threads for a worker with `cpus` cores. On a GPU, all but the core that runs the
     loop: one core tokenizes 900 to 1,700 SciFact passages of 256 tokens a second, and an H200 trains
-    on more pairs than that (bench/gpu_check.py). On a CPU one: torch's threads hold the cores, and tokenizing
-    costs ~1% of a step there."""
+    on more pairs than that (bench/gpu_check.py). On a CPU one: torch's threads hold the cores, and
+    tokenizing costs ~1% of a step there."""
     return max(1, cpus - 1) if torch.device(device).type == "cuda" else 1
 
 
