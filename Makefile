@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-memory bench-gradcache bench-coldstart bench-train bench-poll bench-quality bench-embed bench-strategies bench-sweep clean
+.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-memory bench-gradcache bench-coldstart bench-train bench-poll bench-feed bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -76,6 +76,9 @@ bench-train: install
 
 bench-poll: install
 	$(PY) bench/report_poll.py --steps 40
+
+bench-feed: install
+	$(PY) bench/feed.py
 
 bench-quality: install
 	$(PY) bench/scifact_quality.py

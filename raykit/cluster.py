@@ -103,6 +103,20 @@ def require_shared_storage(key: str, path: str) -> None:
         )
 
 
+def check_local_cpus(cpus: int, asked: str, fix: str) -> None:
+    """A local Ray (no RAY_ADDRESS) has this machine's cores, and nothing adds more: a run that asks
+    for more waits for ever (Ray Train retries its workers' start every minute, printing a traceback
+    each time). Refused here, before anything is written. A cluster is not checked: its autoscaler
+    may add the nodes."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    have = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else len(os.sched_getaffinity(0))
+    if cpus > have:
+        raise RaykitError(f"{asked} need {cpus} CPUs, and the local Ray here has {have}; {fix}")
+
+
 def actor_count(concurrency: int, num_gpus: float, cpus_per_actor: float, work_items: int) -> int:
     """How many actors a Ray Data pool gets: `concurrency` when set, else as many as the cluster's
     GPUs (num_gpus > 0) or CPUs hold at once; never more than there are work items."""

@@ -12,7 +12,9 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,29 @@ def check_length(config, length: int, name: str, key: str = "max_seq_length") ->
     if limit and length > limit:
         raise RaykitError(f"{key}: {length} is past the {limit} positions {name} has; use {limit} or less")
     return limit
+
+
+@dataclass(frozen=True)
+class Tokenizing:
+    """How an encoder turns texts into its model's input: its tokenizer, its prompts, its length. One
+    rule for the encoder and for processes that tokenize without its weights (the tokenizer actors
+    of raykit/train/feed.py)."""
+
+    tokenizer: Any
+    prompts: dict[str, str]  # {"query": ..., "document": ...}
+    max_seq_length: int
+
+    def prompted(self, texts, role: str) -> list[str]:
+        """`texts` as the model sees them in `role` ("query" or "document"): after that role's prompt."""
+        prompt = self.prompts.get(role, "")
+        return [prompt + t for t in texts] if prompt else list(texts)
+
+    def tokenize(self, texts: list[str], *, role: str, tokenizer=None) -> dict[str, torch.Tensor]:
+        """Padded, truncated tensors of `texts` in `role`; `tokenizer`: a copy of this one, for
+        another thread (raykit.train.feed)."""
+        return (tokenizer or self.tokenizer)(
+            self.prompted(texts, role), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
+        )
 
 
 class Encoder(nn.Module):
@@ -190,17 +215,14 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return self.model.config.hidden_size
 
+    def tokenizing(self) -> Tokenizing:
+        return Tokenizing(self.tokenizer, self.prompts, self.max_seq_length)
+
     def prompted(self, texts, role: str) -> list[str]:
-        """`texts` as the model sees them in `role` ("query" or "document"): after that role's prompt."""
-        prompt = self.prompts.get(role, "")
-        return [prompt + t for t in texts] if prompt else list(texts)
+        return self.tokenizing().prompted(texts, role)
 
     def tokenize(self, texts: list[str], *, role: str, tokenizer=None) -> dict[str, torch.Tensor]:
-        """Padded, truncated tensors of `texts` in `role`; `tokenizer`: a copy of this encoder's, for
-        another thread (raykit.train.feed)."""
-        return (tokenizer or self.tokenizer)(
-            self.prompted(texts, role), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
-        )
+        return self.tokenizing().tokenize(texts, role=role, tokenizer=tokenizer)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}

@@ -64,3 +64,16 @@ def test_length_grouped_batches_keep_the_epochs_rows_and_pad_less():
         assert not all(lengths[a].max() <= lengths[b].min() for a, b in zip(first_window, first_window[1:]))
     assert not np.array_equal(epoch_batches(rows, world, 0, batch, seed=3, epoch=1, lengths=lengths),
                               epoch_batches(rows, world, 0, batch, seed=3, epoch=0, lengths=lengths))
+
+
+def test_a_plan_gives_any_steps_rows_as_the_epochs_batches_do_and_rebuilds_from_its_args():
+    """A resumed run (and a tokenizer actor) asks for steps from the middle on, across epochs."""
+    from raykit.train.batches import Plan, row_lengths
+
+    table = pa.table({"query": [f"q{'x' * (i % 9)}" for i in range(50)], "positive": ["p"] * 50})
+    plan = Plan(table, 2, 1, 4, 7, True)  # 50 // 2 // 4 = 6 steps an epoch
+    expected = [epoch_batches(50, 2, 1, 4, 7, epoch, row_lengths(table))[i] for epoch in range(3) for i in range(6)]
+    for step in (13, 5, 6, 0, 17):
+        assert np.array_equal(plan.rows(step), expected[step])
+    again = Plan(table, *plan.args)
+    assert all(np.array_equal(again.rows(step), expected[step]) for step in range(18))

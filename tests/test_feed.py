@@ -1,8 +1,10 @@
-"""raykit/train/feed.py: the training input read and tokenized ahead, on a thread, in the loop's order."""
+"""raykit/train/feed.py: the training input read and tokenized ahead, on threads or by tokenizer
+actors (a Ray Data stage on the session's Ray), in the loop's order."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -10,9 +12,10 @@ import pytest
 import torch
 
 from raykit.config import ModelConfig
+from raykit.data import TrainingSet
 from raykit.encoder import Encoder
-from raykit.train.batches import take
-from raykit.train.feed import AHEAD, Ahead, feed_threads, prepare
+from raykit.train.batches import Plan, take
+from raykit.train.feed import AHEAD, Ahead, Stream, feed_threads, prepare, read_ahead
 
 TEXTS = [f"query {i} " + "word " * (i % 7) for i in range(40)]
 
@@ -75,3 +78,35 @@ def test_leaving_early_stops_the_thread_and_an_error_reaches_the_loop(encoder):
 def test_a_gpu_worker_reads_ahead_on_all_its_cores_but_one_and_a_cpu_worker_on_one():
     assert [feed_threads(cpus, "cuda") for cpus in (1, 2, 8)] == [1, 1, 7]
     assert [feed_threads(cpus, "cpu") for cpus in (1, 8)] == [1, 1]
+
+
+def test_tokenizer_actors_stream_a_resumed_runs_steps_as_the_threads_read_them(ray_cluster, encoder):
+    """scaling.feed_actors: two actors of a Ray Data stage prepare the steps of rank 1 of 2 from step
+    3 (a resumed run's), across an epoch's end, length-grouped and in chunks of 3, from the table the
+    workers share: the same batches, tokens and chunk orders, in the same order, as the worker's own
+    threads (and so as a run never interrupted). Leaving early stops the stage and its actors."""
+    from ray.util.state import list_actors
+
+    placed = TrainingSet([table()], 40, 1, False, seed=0, max_examples=0).placed()
+    shared = placed.table()
+    plan = Plan(shared, 2, 1, 4, 7, True)  # 5 steps an epoch
+    steps = range(3, 40)
+
+    def tokenizers() -> list:
+        return [a for a in list_actors(address=ray_cluster, filters=[("state", "=", "ALIVE")]) if "TokenizeSteps" in a.class_name]
+
+    with read_ahead(encoder, placed, shared, plan, steps, 3, "cpu", cpus=1, actors=2) as stream:
+        assert isinstance(stream, Stream)
+        streamed = [prepared for prepared, _ in zip(stream, range(8))]
+        assert len(tokenizers()) == 2
+    with read_ahead(encoder, placed, shared, plan, steps[:8], 3, "cpu", cpus=1, actors=0) as ahead:
+        assert isinstance(ahead, Ahead)
+        threaded = list(ahead)
+    assert len(streamed) == len(threaded) == 8
+    for a, b, step in zip(streamed, threaded, steps):
+        assert a.batch["query_id"].tolist() == take(shared, plan.rows(step))["query_id"].tolist()
+        same(a, b)
+    deadline = time.monotonic() + 30
+    while tokenizers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not tokenizers()

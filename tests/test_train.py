@@ -31,7 +31,9 @@ def test_a_killed_drivers_run_resumes_past_a_damaged_checkpoint(ray_cluster, tin
     """ZeRO-2 on 2 workers, in a driver of its own. The driver is SIGKILLed after the step-4
     checkpoint, whose largest file is then cut short. The same command again warns in one line,
     resumes from step 2, and trains on exactly the batches an uninterrupted run does (check_run
-    compares the per-rank digests of the batches' query ids; length-grouped here). Once complete, it
+    compares the per-rank digests of the batches' query ids; length-grouped here). The killed run
+    read ahead on its workers' threads; the rerun, on a tokenizer actor per worker, streams from
+    the checkpoint's step on (scaling.feed_actors, which a rerun may change). Once complete, it
     is a no-op, and another job there is refused.
 
     The output_dir held another job's complete run, which the first command's new_run=true replaces:
@@ -62,9 +64,10 @@ def test_a_killed_drivers_run_resumes_past_a_damaged_checkpoint(ray_cluster, tin
     damaged = max((f for f in step4.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     size = damaged.stat().st_size
     damaged.write_bytes(damaged.read_bytes()[:100])
-    assert main(["train", JOB, *args]) == 0
+    assert main(["train", JOB, *args, "scaling.feed_actors=1"]) == 0
     summary, _ = check_run(out, tiny_model, "full", steps=6)
     assert summary["resumed_from"] == [2]
+    assert summary["throughput"]["read_ahead_by"] == "1 tokenizer actor(s) per worker"
     assert summary["damaged_checkpoints"] == [f"{step4.name}: {damaged.relative_to(step4)} has 100 bytes, {size} were written"]
     assert (out / "model" / "model.safetensors").exists()
     assert main(["train", JOB, *args]) == 0
@@ -90,6 +93,8 @@ def test_a_killed_drivers_run_resumes_past_a_damaged_checkpoint(ray_cluster, tin
         (["output_dir=s3://"], "output_dir: s3://: no bucket named; use s3://bucket/prefix"),
         (["model.name=/nonexistent/model"], "model.name: /nonexistent/model: no such folder; point it at a model folder"),
         (["model.max_seq_length=512"], "model.max_seq_length: 512 is past the 128 positions"),
+        (["scaling.num_workers=32", "scaling.feed_actors=1"],
+         "scaling: 32 worker(s) x (1 CPU(s) + 1 feed actor(s)) need 64 CPUs, and the local Ray here has"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tiny_model, tmp_path, capsys, extra, message):

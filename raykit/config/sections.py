@@ -238,6 +238,9 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: int = 1  # also sets each worker's torch threads
+    # tokenizer actors per worker, 1 CPU each (a Ray Data stage that reads ahead on the cluster's CPUs,
+    # any node's); 0 = read-ahead threads on the worker's own cores (raykit/train/feed.py)
+    feed_actors: int = 0
     # one worker's accelerator peak, TFLOPS at the precision it trains in, for MFU (raykit/flops.py);
     # 0 = raykit's table of GPUs (H100, A100, L4, ...); a device it does not know reports no MFU
     peak_tflops: float = 0.0
@@ -245,7 +248,7 @@ class ScalingConfig:
     def __post_init__(self):
         positive("scaling.num_workers", self.num_workers)
         positive("scaling.cpus_per_worker", self.cpus_per_worker)
-        not_negative("scaling", self, ("peak_tflops",))
+        not_negative("scaling", self, ("peak_tflops", "feed_actors"))
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,25 @@ def epoch_batches(num_rows: int, world: int, rank: int, batch_size: int, seed: i
     return grouped.reshape(steps, batch_size)[rng.permutation(steps)]
 
 
+class Plan:
+    """A rank's rows for any step of a run: epoch_batches of the step's epoch, the epoch's batches
+    computed once. The tokenizer actors that read ahead for a worker (raykit/train/feed.py) build
+    the same plan from the same table and `args`."""
+
+    def __init__(self, table: pa.Table, world: int, rank: int, batch_size: int, seed: int, group_by_length: bool):
+        self.args = world, rank, batch_size, seed, group_by_length  # the same plan elsewhere: Plan(table, *args)
+        self.num_rows, self.world, self.rank, self.batch_size, self.seed = table.num_rows, world, rank, batch_size, seed
+        self.lengths = row_lengths(table) if group_by_length else None
+        self.steps_per_epoch = self.num_rows // world // batch_size
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def rows(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = epoch, epoch_batches(self.num_rows, self.world, self.rank, self.batch_size, self.seed, epoch, self.lengths)
+        return self._epoch[1][i]
+
+
 def row_lengths(table: pa.Table) -> np.ndarray:
     """Each row's length for grouping: the characters of its query, positive and negatives."""
     texts = [name for name in table.column_names if name in ("query", "positive") or

@@ -17,7 +17,7 @@ import torch
 
 import raykit.log
 from raykit import identity, storage
-from raykit.cluster import connect_ray, require_shared_storage
+from raykit.cluster import check_local_cpus, connect_ray, require_shared_storage
 from raykit.config import Columns, JobConfig
 from raykit.data import load_beir, load_validation_set, training_set
 from raykit.encoder import check_length, model_config
@@ -34,7 +34,7 @@ OUTPUTS = ("job.json", "checkpoints", "synth", "mined", "scored", "model", "adap
            "eval.json", "loss_curve.png", "ndcg_by_dim.png", "forgetting.png", "run.json")
 # Settings that change how a run goes, not what it produces: a rerun may change them and resume.
 OPERATIONAL = ("output_dir", "new_run", "run", "train.log_every", "train.checkpoint_every", "train.report_to",
-               "scaling.cpus_per_worker", "scaling.peak_tflops", "eval.batch_size", "synth.output", "synth.concurrency", "synth.num_gpus",
+               "scaling.cpus_per_worker", "scaling.feed_actors", "scaling.peak_tflops", "eval.batch_size", "synth.output", "synth.concurrency", "synth.num_gpus",
                "synth.batch_size", "synth.embed.concurrency", "synth.embed.cpus_per_actor", "synth.embed.num_gpus", "synth.embed.peak_tflops", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
                "mine.embed.num_gpus", "mine.embed.peak_tflops", "teacher.output", "teacher.concurrency", "teacher.num_gpus")
 
@@ -140,6 +140,10 @@ def _write_outputs(checkpoint, job: JobConfig, inputs: dict, output_dir: str, st
 def check(job: JobConfig) -> None:
     """What can be checked before anything is written: the model against the job, the trackers, what mining needs."""
     storage.check_output("output_dir", job.output_dir)
+    scaling = job.scaling
+    check_local_cpus(scaling.num_workers * (scaling.cpus_per_worker + scaling.feed_actors),
+                     f"scaling: {scaling.num_workers} worker(s) x ({scaling.cpus_per_worker} CPU(s) + {scaling.feed_actors} feed actor(s))",
+                     "lower scaling.num_workers, scaling.cpus_per_worker or scaling.feed_actors, or run on a cluster (RAY_ADDRESS)")
     if job.synth.enabled and job.synth.output:
         storage.check_output("synth.output", job.synth.output, folder=False)
     if job.mine.enabled and job.mine.output:

@@ -1,19 +1,28 @@
 """The training input: each step's rows read, tokenized and pinned a few steps ahead of the model.
 
-Background threads take each step's rows from the table (in batches.py's order, unchanged: a resumed
-run reads exactly what an uninterrupted one does), tokenize them and, for a GPU, place the tensors
-in pinned memory, while the training loop runs the steps before. The tokenizer is Rust code that
-releases the GIL, so on a GPU node the host's work overlaps the device's, several steps are
-tokenized at once on several cores, and the copy to the device does not block the host. On the H200
-check a step first waited on this work done in line, then on one thread doing it (raykit#14).
+Each step's rows come from the table in batches.py's order, unchanged: a resumed run reads exactly
+what an uninterrupted one does. They are tokenized ahead of the step, in one of two places:
 
-Each thread tokenizes with its own copy of the tokenizer: evaluation tokenizes on the loop's thread
-meanwhile, and a fast tokenizer used from two threads at once fails ("Already borrowed").
+- `Ahead`: background threads of the worker (the default). The tokenizer is Rust code that releases
+  the GIL, so on a GPU node the host's work overlaps the device's and several steps are tokenized at
+  once on the worker's cores. Each thread has its own copy of the tokenizer: evaluation tokenizes on
+  the loop's thread meanwhile, and a fast tokenizer used from two threads at once fails ("Already
+  borrowed").
+- `Stream` (scaling.feed_actors > 0): a Ray Data stage of tokenizer actors on the cluster's CPUs, any
+  node's, for a GPU worker whose own cores cannot keep up. The stage streams step numbers, not rows:
+  each actor builds the worker's batches.Plan from the shared table and prepares the steps it is
+  given, and the stage keeps their order (preserve_order). So the order stays exact on resume (the
+  stream starts at the checkpoint's step), and only steps about to be trained are ever tokenized.
+
+For a GPU the tensors are placed in pinned memory, so the copy to the device does not block the
+host. On the H200 check a step first waited on this work done in line, then on one thread doing it
+(raykit#14).
 """
 
 from __future__ import annotations
 
 import copy
+import pickle
 import queue
 import threading
 from collections import deque
@@ -26,10 +35,13 @@ import pyarrow as pa
 import torch
 
 from raykit.data import negative_count
-from raykit.encoder import Encoder
-from raykit.train.batches import take
+from raykit.encoder import Encoder, Tokenizing
+from raykit.train.batches import Plan, take
 
 AHEAD = 2  # batches ready beyond the one training: hides a slow tokenization, holds little memory
+# What a Stream may hold in Ray's object store, tokenized steps waiting to be trained: tens of steps
+# at batch 1,024 (~40 MB a step at 512 tokens with a negative), far more at usual sizes.
+STREAM_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -58,7 +70,7 @@ def forward_inputs(batch: dict) -> list[tuple[list[str], str]]:
     return inputs
 
 
-def prepare(encoder: Encoder, batch: dict, chunk: int, device, tokenizer=None) -> Prepared:
+def prepare(encoder: Encoder | Tokenizing, batch: dict, chunk: int, device, tokenizer=None) -> Prepared:
     """Tokenize a batch of rows for one step; `chunk` (loss.mini_batch_size) splits each pass into
     chunks, each pass's texts longest first so that a chunk pads only to texts of its own length."""
     inputs = forward_inputs(batch)
@@ -70,9 +82,23 @@ def prepare(encoder: Encoder, batch: dict, chunk: int, device, tokenizer=None) -
     else:
         groups = [[encoder.tokenize(texts, role=role, tokenizer=tokenizer)] for texts, role in inputs]
     lengths = torch.cat([tokens["attention_mask"].sum(1) for chunks in groups for tokens in chunks])
+    return _pinned(Prepared(batch, groups, orders, lengths), device)
+
+
+def _pinned(prepared: Prepared, device) -> Prepared:
+    """For a GPU, the tensors in pinned memory: the copy to the device then does not block the host."""
     if torch.device(device).type == "cuda":
-        groups = [[{k: v.pin_memory() for k, v in tokens.items()} for tokens in chunks] for chunks in groups]
-    return Prepared(batch, groups, orders, lengths)
+        prepared.groups = [[{k: v.pin_memory() for k, v in tokens.items()} for tokens in chunks] for chunks in prepared.groups]
+    return prepared
+
+
+def read_ahead(encoder: Encoder, placed, table: pa.Table, plan: Plan, steps: range, chunk: int, device, cpus: int,
+               actors: int) -> Ahead | Stream:
+    """The prepared batches of `steps`, tokenized by `actors` tokenizer actors (scaling.feed_actors)
+    or, where there are none, on the worker's own threads. `placed`: the table as the workers got it."""
+    if actors:
+        return Stream(encoder.tokenizing(), placed, plan, steps, chunk, device, actors)
+    return Ahead(encoder, table, (plan.rows(step) for step in steps), chunk, device, feed_threads(cpus, device))
 
 
 def feed_threads(cpus: int, device) -> int:
@@ -102,6 +128,7 @@ class Ahead:
             return prepare(encoder, take(table, rows), chunk, device, mine.tokenizer)
 
         self._make, self._steps = make, iter(steps)
+        self.by = f"{threads} thread(s) of each worker"  # who reads ahead, for the log and run.json
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="raykit-feed")
         self._pending: deque[Future] = deque()
         for _ in range(AHEAD + threads):
@@ -123,3 +150,83 @@ class Ahead:
 
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Stream:
+    """The prepared batches of `steps`, in order, made by a Ray Data stage of `actors` tokenizer
+    actors (TokenizeSteps, 1 CPU each) and held in Ray's object store until the loop takes them. Use
+    as a context manager: leaving it stops the stage."""
+
+    def __init__(self, tokenizing: Tokenizing, placed, plan: Plan, steps: range, chunk: int, device, actors: int):
+        import ray
+        import ray.data
+
+        from raykit.cluster import quiet_ray_data
+
+        quiet_ray_data()
+        # the step numbers from one read task that needs no CPU: the worker and the actors hold the
+        # CPUs a run asked for, and a read task waiting for one more would wait for ever
+        ds = ray.data.read_datasource(_step_numbers(len(steps)), override_num_blocks=1, num_cpus=0)
+        options = ds.context.execution_options
+        options.preserve_order = True  # the steps in the loop's order, whichever actor finishes first
+        options.resource_limits = ray.data.ExecutionResources.for_limits(object_store_memory=STREAM_BYTES)
+        ds.context.target_max_block_size = 1  # a block per step: each goes to the loop once it is ready, not with its neighbours
+        ds = ds.map_batches(TokenizeSteps, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                            fn_constructor_kwargs={"tokenizing": [ray.put(tokenizing)], "placed": placed, "plan": plan.args,
+                                                   "first": steps.start, "chunk": chunk})
+        self._batches = iter(ds.iter_batches(batch_size=None, prefetch_batches=AHEAD))  # the stage starts here
+        self._device = device
+        self.by = f"{actors} tokenizer actor(s) per worker"
+
+    def __iter__(self) -> Iterator[Prepared]:
+        for batch in self._batches:
+            for prepared in batch["prepared"]:
+                yield _pinned(pickle.loads(prepared), self._device)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._batches.close()  # Ray Data's iterator is a generator: closing it shuts its executor down
+
+
+class TokenizeSteps:
+    """A tokenizer actor of a Stream: the worker's plan rebuilt from the shared table, and each step
+    it is given (a number counted from `first`) read and prepared on the host."""
+
+    def __init__(self, tokenizing: list, placed, plan: tuple, first: int, chunk: int):
+        import ray
+
+        self.tokenizing = ray.get(tokenizing[0])
+        self.table = placed.table()
+        self.plan = Plan(self.table, *plan)
+        self.first, self.chunk = first, chunk
+
+    def __call__(self, batch: dict) -> dict:
+        steps = [self.first + int(i) for i in batch["step"]]
+        return {"prepared": np.array([pickle.dumps(self._prepare(step)) for step in steps], dtype=object)}
+
+    def _prepare(self, step: int) -> Prepared:
+        prepared = prepare(self.tokenizing, take(self.table, self.plan.rows(step)), self.chunk, "cpu")
+        # the loop needs the rows' ids and teacher scores, not their texts (tokenized here)
+        prepared.batch = {name: column for name, column in prepared.batch.items() if column.dtype != object}
+        return prepared
+
+
+def _step_numbers(n: int):
+    """A Ray Data source of the numbers 0..n-1, each its own block, made as the stage asks for them."""
+    import ray.data
+    from ray.data.block import BlockMetadata
+
+    class StepNumbers(ray.data.Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return 8 * n
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            def read():
+                for i in range(n):
+                    yield pa.table({"step": [i]})
+
+            return [ray.data.ReadTask(read, BlockMetadata(num_rows=n, size_bytes=8 * n, input_files=None, exec_stats=None))]
+
+    return StepNumbers()

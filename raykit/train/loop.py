@@ -27,8 +27,8 @@ from raykit.losses import kl_loss, margin_mse_loss, matryoshka_loss, mnr_loss
 from raykit.precision import use_bf16
 from raykit.strategies import build_trainee
 from raykit.train import checkpoints, gradcache
-from raykit.train.batches import BatchDigest, epoch_batches, row_lengths
-from raykit.train.feed import Ahead, Prepared, feed_threads, prepare
+from raykit.train.batches import BatchDigest, Plan
+from raykit.train.feed import Prepared, prepare, read_ahead
 from raykit.train.meter import Throughput
 from raykit.train.tracking import RunLog
 
@@ -71,11 +71,12 @@ def train_fn_per_worker(config: dict) -> None:
     to_ray = _RayReports()
     last_val: dict[str, float] = {}  # the latest validation, repeated in the final report
     step = state["step"]
-    # a resumed run starts at the step its checkpoint holds; each step's input is read and
-    # tokenized ahead, on threads of its own (raykit/train/feed.py)
-    steps = _batches_from(step, total_steps, steps_per_epoch, table, world, rank, job)
-    threads = feed_threads(job.scaling.cpus_per_worker, device)
-    with Ahead(trainee.encoder, table, steps, job.loss.mini_batch_size, device, threads) as ahead:
+    # a resumed run starts at the step its checkpoint holds; each step's input is read and tokenized
+    # ahead, on threads of this worker or by tokenizer actors (raykit/train/feed.py)
+    plan = Plan(table, world, rank, job.train.batch_size, job.train.seed, job.train.group_by_length)
+    with read_ahead(trainee.encoder, config["table"], table, plan, range(step, total_steps), job.loss.mini_batch_size,
+                    device, job.scaling.cpus_per_worker, job.scaling.feed_actors) as ahead:
+        log(f"input read ahead by {ahead.by}")
         for prepared in ahead:
             digest.update(prepared.batch)
             loss, grad_norm, lengths = training_step(trainee, prepared, job, device)
@@ -110,20 +111,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     run_log.close()
     log(f"training took {format_duration(meter.elapsed())}{saves.share_line(meter.elapsed())}")
-    state["throughput"] = meter.summary(_sum_across_ranks([meter.total_flops], world)[0])
+    state["throughput"] = {**meter.summary(_sum_across_ranks([meter.total_flops], world)[0]), "read_ahead_by": ahead.by}
     _finish(trainee, state, step, digest, last_val, sets, run_eval, rank, world, log)
-
-
-def _batches_from(step: int, total_steps: int, steps_per_epoch: int, table, world: int, rank: int, job: JobConfig):
-    """This rank's row indices for every step from `step` to the end, epoch after epoch (batches.py)."""
-    num_rows, lengths = table.num_rows, row_lengths(table) if job.train.group_by_length else None
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        for rows in epoch_batches(num_rows, world, rank, job.train.batch_size, job.train.seed, epoch, lengths)[done_in_epoch:]:
-            if step == total_steps:
-                return
-            yield rows
-            step += 1
 
 
 def _finish(trainee, state: dict, step: int, digest: BatchDigest, last_val: dict, sets: dict, run_eval, rank: int,

@@ -180,7 +180,7 @@ def _trackers(names: tuple[str, ...], output_dir: str) -> list:
 def _fits(resources: dict, job: JobConfig) -> int:
     if job.scaling.use_gpu:
         return max(1, int(resources.get("GPU", 0) // job.scaling.num_workers))
-    return max(1, int(resources.get("CPU", 1) // (job.scaling.num_workers * job.scaling.cpus_per_worker)))
+    return max(1, int(resources.get("CPU", 1) // (job.scaling.num_workers * (job.scaling.cpus_per_worker + job.scaling.feed_actors))))
 
 
 def _searcher(settings, concurrency: int):
