@@ -86,13 +86,31 @@ class TrainingSet:
 
         return dataclasses.replace(self, blocks=[ray.put(b) if isinstance(b, pa.Table) else b for b in self.blocks])
 
-    def table(self) -> pa.Table:
-        """The whole table, shuffled once with the seed: the same on every worker, and the same as
-        load_training_set's."""
+    def table(self) -> Pairs:
+        """The whole table, shuffled once with the seed: the same on every worker and tokenizer actor,
+        and the same rows as load_training_set's, read through the order (no copy of the blocks)."""
         import ray
 
         blocks = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in self.blocks]
-        return _shuffled(pa.concat_tables(blocks), self.seed, self.max_examples)
+        base = pa.concat_tables(blocks)
+        return Pairs(base, _order(base.num_rows, self.seed, self.max_examples))
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """The training table in its seeded order, read through that order. A worker and each of its
+    tokenizer actors read the blocks where Ray's object store holds them (one copy per node, mapped,
+    not copied), and copy only the rows of a batch when they take it."""
+
+    base: pa.Table  # the blocks as stored
+    order: np.ndarray  # row i of the pairs is base's row order[i]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.order)
+
+    def take(self, rows) -> pa.Table:
+        return self.base.take(pa.array(self.order[np.asarray(rows)]))
 
 
 def training_set(cfg: DataConfig, seed: int) -> TrainingSet:
@@ -139,8 +157,13 @@ def _beir_table(cfg: DataConfig, seed: int) -> pa.Table:
 
 
 def _shuffled(table: pa.Table, seed: int, max_examples: int) -> pa.Table:
-    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
-    return table.slice(0, max_examples) if max_examples else table
+    return table.take(_order(table.num_rows, seed, max_examples))
+
+
+def _order(num_rows: int, seed: int, max_examples: int) -> np.ndarray:
+    """The rows of a training table in its seeded order, the first max_examples of them if set."""
+    order = np.random.default_rng(seed).permutation(num_rows)
+    return order[:max_examples] if max_examples else order
 
 
 def _kept(rows: int, cfg: DataConfig) -> int:

@@ -216,9 +216,26 @@ def test_pair_files_are_read_by_ray_tasks_into_the_table_the_workers_get(ray_clu
     training = training_set(cfg, seed=3)
     assert all(isinstance(b, ray.ObjectRef) for b in training.blocks) and len(training.blocks) == 3
     assert (training.num_rows, training.negatives, training.scored) == (12, 1, True)
-    assert ray.get(ray.remote(lambda t: t.table().to_pylist()).remote(training)) == load_training_set(cfg, seed=3).to_pylist()
+    every_row = ray.remote(lambda t: t.table().take(list(range(t.num_rows))).to_pylist())
+    assert ray.get(every_row.remote(training)) == load_training_set(cfg, seed=3).to_pylist()
 
     (tmp_path / "part-1.parquet").unlink()
     (tmp_path / "part-1.jsonl").write_text('{"query": "q", "positive": "p", "negatives": ["a", "b"]}\n{"query": "q2"}\n')
     with pytest.raises(DataError, match=r"part-1.jsonl:line 2: column 'positive' is missing"):
         training_set(cfg, seed=3)
+
+
+def test_the_workers_pairs_are_load_training_sets_rows_read_through_its_order():
+    """What a worker (and a tokenizer actor) reads, TrainingSet.table(): the blocks as stored and
+    the seeded order, not a shuffled copy; the same rows, lengths and batches as the table itself."""
+    import numpy as np
+
+    from raykit.data import Pairs, training_set
+    from raykit.train.batches import row_lengths, take
+
+    cfg = DataConfig(train=str(QUICKSTART), max_examples=100)
+    pairs, table = training_set(cfg, seed=3).table(), load_training_set(cfg, seed=3)
+    assert isinstance(pairs, Pairs) and pairs.num_rows == table.num_rows == 100
+    rows = np.array([5, 0, 99, 42])
+    assert {k: v.tolist() for k, v in take(pairs, rows).items()} == {k: v.tolist() for k, v in take(table, rows).items()}
+    assert np.array_equal(row_lengths(pairs), row_lengths(table))

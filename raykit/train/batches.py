@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raykit.data import Pairs
+
 GROUP_WINDOW = 64  # batches per length-sorted window: long enough to group, short enough to stay random
 
 
@@ -48,7 +50,7 @@ class Plan:
     computed once. The tokenizer actors that read ahead for a worker (raykit/train/feed.py) build
     the same plan from the same table and `args`."""
 
-    def __init__(self, table: pa.Table, world: int, rank: int, batch_size: int, seed: int, group_by_length: bool):
+    def __init__(self, table: pa.Table | Pairs, world: int, rank: int, batch_size: int, seed: int, group_by_length: bool):
         self.args = world, rank, batch_size, seed, group_by_length  # the same plan elsewhere: Plan(table, *args)
         self.num_rows, self.world, self.rank, self.batch_size, self.seed = table.num_rows, world, rank, batch_size, seed
         self.lengths = row_lengths(table) if group_by_length else None
@@ -62,14 +64,16 @@ class Plan:
         return self._epoch[1][i]
 
 
-def row_lengths(table: pa.Table) -> np.ndarray:
+def row_lengths(table: pa.Table | Pairs) -> np.ndarray:
     """Each row's length for grouping: the characters of its query, positive and negatives."""
+    if isinstance(table, Pairs):  # counted on the blocks as stored, then put in the pairs' order
+        return row_lengths(table.base)[table.order]
     texts = [name for name in table.column_names if name in ("query", "positive") or
              (name.startswith("negative_") and name[len("negative_"):].isdigit())]
     return np.sum([pc.utf8_length(table[name]).to_numpy(zero_copy_only=False) for name in texts], axis=0)
 
 
-def take(table: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
+def take(table: pa.Table | Pairs, rows: np.ndarray) -> dict[str, np.ndarray]:
     """One batch as columns of numpy arrays (texts as object arrays)."""
     batch = table.take(pa.array(rows))
     return {name: column.to_numpy(zero_copy_only=False) for name, column in zip(batch.column_names, batch.columns)}
