@@ -17,7 +17,8 @@ machine): one short run that prints the issue's GPU figures and writes them to O
    with its defaults; and what one tokenizer core does, so the tokenizer actors a GPU needs.
 3. (--scan-seconds N) a learning-rate x epochs scan on SciFact to choose the jobs' defaults.
 
---parts picks among train, embed (the default: both), sdpa (training and an encoder actor's first
+--parts picks among train, embed (the default: both), big (LoRA and ZeRO-2 at batch 512 and 1,024
+without gradient caching), sdpa (training and an encoder actor's first
 pass with cuDNN's attention off and on, raykit/device.py) and profile (torch.profiler tables of a LoRA
 and a ZeRO-2 step). bench/gpu_pack.sh packs what it needs for a lent machine (the model's weights in
 fp16 to fit the carry limit, back to fp32 there; SciFact; the wheels the machine lacks) and says how
@@ -120,7 +121,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--dry-run", action="store_true", help="small sizes, to check the script on a CPU")
-    p.add_argument("--parts", default="train,embed", help="which of train, embed to run")
+    p.add_argument("--parts", default="train,embed", help="which of train, embed, big, sdpa, profile to run")
     args = p.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cuda = torch.cuda.is_available()
@@ -186,6 +187,14 @@ def main():
     for name, extra, batch, steps, export, threads in runs if "train" in args.parts else ():
         guarded(report, "train", name, run_train(extra, batch, 6 if dry else steps, export, threads))
         dump()
+    if "big" in args.parts:
+        # whole batches past 256, no gradient caching: per-step launch and host costs are fixed, so a
+        # bigger batch spreads them over more pairs (run 5: 4.5% MFU at 256; the aim is 10%)
+        larger = (8, 16) if dry else (512, 1024)
+        warm = [("warm-up (lora b32)", lora, 32, 10)] if "train" not in args.parts else []
+        for name, extra, batch, steps in warm + [(f"{n} b{b}", e, b, 12) for b in larger for n, e in (("lora", lora), ("zero2", zero2))]:
+            guarded(report, "train", name, run_train(extra, batch, 6 if dry else steps, False))
+            dump()
 
     if "sdpa" in args.parts:  # cuDNN's attention builds a plan per new shape: training and embedding with and without it
         for cudnn in (False, True):
