@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raykit.data import negative_count
+from raykit.data import Pairs, TrainingSet, negative_count
 from raykit.encoder import Encoder, Tokenizing
 from raykit.train.batches import Plan, take
 
@@ -92,7 +92,7 @@ def _pinned(prepared: Prepared, device) -> Prepared:
     return prepared
 
 
-def read_ahead(encoder: Encoder, placed, table: pa.Table, plan: Plan, steps: range, chunk: int, device, cpus: int,
+def read_ahead(encoder: Encoder, placed: TrainingSet, table: Pairs, plan: Plan, steps: range, chunk: int, device, cpus: int,
                actors: int) -> Ahead | Stream:
     """The prepared batches of `steps`, tokenized by `actors` tokenizer actors (scaling.feed_actors)
     or, where there are none, on the worker's own threads. `placed`: the table as the workers got it."""
@@ -114,7 +114,7 @@ class Ahead:
     background threads up to AHEAD + threads steps early. Use as a context manager: leaving it (the
     run's last step, an error) stops the threads."""
 
-    def __init__(self, encoder: Encoder, table: pa.Table, steps: Iterable[np.ndarray], chunk: int, device, threads: int = 1):
+    def __init__(self, encoder: Encoder, table: pa.Table | Pairs, steps: Iterable[np.ndarray], chunk: int, device, threads: int = 1):
         # one tokenizer per thread, copied here on the loop's thread: a copy made while the loop's
         # thread tokenizes with the encoder's own could fail as two uses at once do
         copies: queue.SimpleQueue = queue.SimpleQueue()
@@ -157,7 +157,7 @@ class Stream:
     actors (TokenizeSteps, 1 CPU each) and held in Ray's object store until the loop takes them. Use
     as a context manager: leaving it stops the stage."""
 
-    def __init__(self, tokenizing: Tokenizing, placed, plan: Plan, steps: range, chunk: int, device, actors: int):
+    def __init__(self, tokenizing: Tokenizing, placed: TrainingSet, plan: Plan, steps: range, chunk: int, device, actors: int):
         import ray
         import ray.data
 
@@ -171,6 +171,8 @@ class Stream:
         options.preserve_order = True  # the steps in the loop's order, whichever actor finishes first
         options.resource_limits = ray.data.ExecutionResources.for_limits(object_store_memory=STREAM_BYTES)
         ds.context.target_max_block_size = 1  # a block per step: each goes to the loop once it is ready, not with its neighbours
+        # the tokenizer goes into the object store once, for every actor to fetch (in a list, so that
+        # it arrives as the reference); the pairs are already there (placed)
         ds = ds.map_batches(TokenizeSteps, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
                             fn_constructor_kwargs={"tokenizing": [ray.put(tokenizing)], "placed": placed, "plan": plan.args,
                                                    "first": steps.start, "chunk": chunk})
@@ -194,7 +196,7 @@ class TokenizeSteps:
     """A tokenizer actor of a Stream: the worker's plan rebuilt from the shared table, and each step
     it is given (a number counted from `first`) read and prepared on the host."""
 
-    def __init__(self, tokenizing: list, placed, plan: tuple, first: int, chunk: int):
+    def __init__(self, tokenizing: list, placed: TrainingSet, plan: tuple, first: int, chunk: int):
         import ray
 
         self.tokenizing = ray.get(tokenizing[0])
