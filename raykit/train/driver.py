@@ -23,6 +23,7 @@ from raykit.data import load_beir, load_validation_set, training_set
 from raykit.encoder import check_length, model_config
 from raykit.errors import RaykitError, RunFailed, StorageUnavailable
 from raykit.train import report, tracking
+from raykit.train.batches import steps_per_epoch
 from raykit.train.card import model_card
 from raykit.train.checkpoints import STATE_FILE
 from raykit.train.loop import train_fn_per_worker
@@ -282,10 +283,10 @@ def check_model(job: JobConfig) -> None:
 
 
 def schedule_length(num_rows: int, world: int, job: JobConfig) -> tuple[int, int]:
-    steps_per_epoch = (num_rows // world) // job.train.batch_size
-    if steps_per_epoch == 0:
+    per_epoch = steps_per_epoch(num_rows, world, job.train.batch_size)
+    if per_epoch == 0:
         raise RaykitError(
             f"data.train: {num_rows} pairs is less than one batch per worker "
             f"(train.batch_size {job.train.batch_size} x scaling.num_workers {world}); lower train.batch_size"
         )
-    return steps_per_epoch, job.train.max_steps or steps_per_epoch * job.train.epochs
+    return per_epoch, job.train.max_steps or per_epoch * job.train.epochs
