@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-memory bench-gradcache bench-coldstart bench-train bench-poll bench-feed bench-quality bench-embed bench-strategies bench-sweep clean
+.PHONY: install quickstart test cluster-test image bench-faults bench-outage bench-memory bench-gradcache bench-coldstart bench-train bench-poll bench-feed bench-compile bench-quality bench-embed bench-strategies bench-sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -79,6 +79,9 @@ bench-poll: install
 
 bench-feed: install
 	$(PY) bench/feed.py
+
+bench-compile: install
+	$(PY) bench/compile.py
 
 bench-quality: install
 	$(PY) bench/scifact_quality.py

@@ -18,7 +18,8 @@ machine): one short run that prints the issue's GPU figures and writes them to O
 3. (--scan-seconds N) a learning-rate x epochs scan on SciFact to choose the jobs' defaults.
 
 --parts picks among train, embed (the default: both), big (LoRA and ZeRO-2 at batch 512 and 1,024
-without gradient caching), sdpa (training and an encoder actor's first
+without gradient caching), compile (LoRA and ZeRO-2 at batch 256 and the encoder actor in bf16, eager
+and through torch.compile, scaling.compile / embed.compile), sdpa (training and an encoder actor's first
 pass with cuDNN's attention off and on, raykit/device.py) and profile (torch.profiler tables of a LoRA
 and a ZeRO-2 step). bench/gpu_pack.sh packs what it needs for a lent machine (the model's weights in
 fp16 to fit the carry limit, back to fp32 there; SciFact; the wheels the machine lacks) and says how
@@ -71,8 +72,9 @@ def sync():
 
 def train(job, table, device, bf16, threads=None):
     """Train `job` in this process, reading ahead on `threads` (default: as a Ray Train worker with the
-    job's scaling.cpus_per_worker does); returns (trainee, last loss, s/step, pairs/s, MFU) with MFU counted as
-    raykit's progress line counts it (raykit/flops.py; None where the device's peak is unknown)."""
+    job's scaling.cpus_per_worker does); returns (trainee, last loss, s/step, pairs/s, MFU, warm-up s) with MFU
+    counted as raykit's progress line counts it (raykit/flops.py; None where the device's peak is unknown)
+    and the warm-up's seconds (the first WARMUP_STEPS steps: with scaling.compile, the compiler's time)."""
     steps_per_epoch = table.num_rows // job.train.batch_size
     total = job.train.max_steps
     torch.manual_seed(job.train.seed)
@@ -83,6 +85,7 @@ def train(job, table, device, bf16, threads=None):
     steps = [rows for _ in range(-(-total // steps_per_epoch)) for rows in
              rng.permutation(table.num_rows)[:steps_per_epoch * job.train.batch_size].reshape(steps_per_epoch, -1)][:total]
     step, started, flops = 0, time.perf_counter(), 0.0
+    warmup_s = 0.0
     # as the training loop reads its input: taken, tokenized and pinned ahead on a thread (raykit/train/feed.py)
     threads = threads or feed_threads(job.scaling.cpus_per_worker, device)
     with Ahead(trainee.encoder, table, steps, job.loss.mini_batch_size, device, threads) as ahead:
@@ -91,6 +94,7 @@ def train(job, table, device, bf16, threads=None):
             step += 1
             if step == WARMUP_STEPS:
                 sync()
+                warmup_s = time.perf_counter() - started
                 started, flops = time.perf_counter(), 0.0
             elif step > WARMUP_STEPS:
                 flops += model_flops.training(lengths, frozen_base=job.train.strategy == "lora")
@@ -98,7 +102,7 @@ def train(job, table, device, bf16, threads=None):
     seconds = time.perf_counter() - started
     timed = max(total - WARMUP_STEPS, 1)
     used = mfu(flops, seconds, peak_flops(device, bf16, job.scaling.peak_tflops))
-    return trainee, float(loss.detach()), seconds / timed, timed * job.train.batch_size / seconds, used
+    return trainee, float(loss.detach()), seconds / timed, timed * job.train.batch_size / seconds, used, warmup_s
 
 
 def guarded(report, section, name, fn):
@@ -121,7 +125,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--dry-run", action="store_true", help="small sizes, to check the script on a CPU")
-    p.add_argument("--parts", default="train,embed", help="which of train, embed, big, sdpa, profile to run")
+    p.add_argument("--parts", default="train,embed", help="which of train, embed, big, compile, sdpa, profile to run")
     args = p.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cuda = torch.cuda.is_available()
@@ -155,9 +159,10 @@ def main():
         def fn():
             job = load_job(None, base + extra + [f"train.batch_size={batch}", f"train.max_steps={steps}", precision])
             reset_peak()
-            trainee, loss, step_s, pairs_s, used = train(job, table, device, bf16=cuda, threads=threads)
-            row = {"batch": batch, "feed_threads": threads or feed_threads(job.scaling.cpus_per_worker, device), "loss": loss, "ms_per_step": 1000 * step_s, "pairs_per_s": pairs_s, "mfu": used,
-                   "peak_mib": peak_mib()}
+            trainee, loss, step_s, pairs_s, used, warmup_s = train(job, table, device, bf16=cuda, threads=threads)
+            row = {"batch": batch, "feed_threads": threads or feed_threads(job.scaling.cpus_per_worker, device), "loss": loss,
+                   "ms_per_step": 1000 * step_s, "pairs_per_s": pairs_s, "mfu": used, "peak_mib": peak_mib(),
+                   "warmup_s": warmup_s}
             if export:
                 trainee.encoder.eval()  # dropout off, as evaluation runs it
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -196,6 +201,18 @@ def main():
             guarded(report, "train", name, run_train(extra, batch, 6 if dry else steps, False))
             dump()
 
+    if "compile" in args.parts:
+        # torch.compile (scaling.compile): eager and compiled in this run, at batch 256 and with gradient
+        # caching at 512; each row's warmup_s holds the compiler's time
+        on = ["scaling.compile=true"]
+        warm = [("warm-up (lora b32)", lora, 32, 10)] if not ({"train", "big"} & set(args.parts.split(","))) else []
+        for name, extra, batch, steps in warm + [
+                (f"lora b{big}", lora, big, 15), (f"lora b{big} compiled", lora + on, big, 15),
+                (f"zero2 b{big}", zero2, big, 15), (f"zero2 b{big} compiled", zero2 + on, big, 15),
+                (f"zero2 b{cached} gradcache {mini} compiled", zero2 + on + [f"loss.mini_batch_size={mini}"], cached, 10)]:
+            guarded(report, "train", name, run_train(extra, batch, 6 if dry else steps, False))
+            dump()
+
     if "sdpa" in args.parts:  # cuDNN's attention builds a plan per new shape: training and embedding with and without it
         for cudnn in (False, True):
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
@@ -208,7 +225,7 @@ def main():
         for name, extra in (("lora", lora), ("zero2", zero2)):
             job = load_job(None, base + extra + ["train.batch_size=32", "train.max_steps=16", precision])
             profile(job, table, device, cuda)
-    if "embed" not in args.parts and "sdpa" not in args.parts:
+    if not {"embed", "sdpa", "compile"} & set(args.parts.split(",")):
         return finish(report, {}, args, base, table, test, device, dump)
     # 2. embedding: the model as `raykit embed` loads it (its driver and its encoder actors alike)
     encoder = Encoder.from_pretrained(args.model, args.max_len).eval()
@@ -230,14 +247,14 @@ def main():
     fingerprint = encoder.fingerprint()
     repeats = 1 if dry else CORPUS_REPEATS
 
-    def actor(precision, batch_size=256, batch_tokens=0, bf16_weights=False):
+    def actor(precision, batch_size=256, batch_tokens=0, bf16_weights=False, compile=False):
         def fn():
             a = EncodeShards(model=args.model, max_seq_length=args.max_len, prompts={}, revision="", trust_remote_code=False,
                              fingerprint=fingerprint, dim=encoder.dim, dtype="float32", batch_size=batch_size,
-                             batch_tokens=batch_tokens, precision=precision, threads=os.cpu_count() or 1)
+                             batch_tokens=batch_tokens, precision=precision, threads=os.cpu_count() or 1, compile=compile)
             if bf16_weights:  # the weights themselves in bf16: no casts under autocast, half the activations' bytes
                 a.encoder.to(torch.bfloat16)
-            first = a(shard)  # warm-up: kernels, allocator
+            first = a(shard)  # warm-up: kernels, allocator, the compiler
             busy = flops = 0.0
             for _ in range(repeats):
                 out = a(shard)
@@ -246,7 +263,7 @@ def main():
             ref = encoder.to(device).encode(docs[:64], 64, device, role="document").numpy()
             encoder.to("cpu")
             return {"docs_per_s": repeats * len(lengths) / busy, "mfu": flops / busy / a.peak if a.peak else None,
-                    "ran_in": first["ran_in"][0], "batch_tokens": a.batch_tokens, "batch_size": batch_size,
+                    "first_call_s": first["busy_s"][0], "ran_in": first["ran_in"][0], "batch_tokens": a.batch_tokens, "batch_size": batch_size,
                     "min_cosine_vs_fp32_encode": float((got[:64] * ref).sum(1).min())}
         return fn
 
@@ -266,11 +283,16 @@ def main():
             guarded(report, "embed", f"encoder actor bf16 cudnn_sdp={cudnn}, first call", cold(cudnn))
         dump()
         return finish(report, {}, args, base, table, test, device, dump)
-    for name, fn in (("encoder actor fp32", actor("fp32")), ("encoder actor bf16", actor("bf16")),
-                     ("encoder actor bf16 b1024 t131072", actor("bf16", 1024, 131072)),
-                     ("encoder actor bf16 weights b1024 t131072", actor("bf16", 1024, 131072, bf16_weights=True))):
+    actors = (("encoder actor fp32", actor("fp32")), ("encoder actor bf16", actor("bf16")),
+              ("encoder actor bf16 b1024 t131072", actor("bf16", 1024, 131072)),
+              ("encoder actor bf16 weights b1024 t131072", actor("bf16", 1024, 131072, bf16_weights=True)))
+    compiled = (("encoder actor bf16", actor("bf16")), ("encoder actor bf16 compiled", actor("bf16", compile=True)),
+                ("encoder actor bf16 compiled b1024 t131072", actor("bf16", 1024, 131072, compile=True)))
+    for name, fn in (actors if "embed" in args.parts else ()) + (compiled if "compile" in args.parts else ()):
         guarded(report, "embed", name, fn)
         dump()
+    if "embed" not in args.parts:
+        return finish(report, tok, args, base, table, test, device, dump)
 
     def encoder_encode():
         model = encoder.to(device)
@@ -374,7 +396,7 @@ def scan(report, args, base, table, test, encoder, device, dump):
         steps = table.num_rows // 32 * epochs
         job = load_job(None, base + [f"train.strategy={strategy}", f"train.lr={lr}", f"train.max_steps={steps}", "train.batch_size=32",
                                      "train.precision=fp32", "lora.target_modules=[query,key,value,dense]", *extra])
-        trainee, loss, step_s, _, _ = train(job, table, device, bf16=False)
+        trainee, loss, step_s, *_ = train(job, table, device, bf16=False)
         res = evaluate(trainee.encoder, test, dims, 256, device, trainee.module)
         report["scan"].append({"config": f"{strategy} lr={lr:g} epochs={epochs} {' '.join(extra)}".strip(),
                                "ndcg@10": {d: m["ndcg@10"] for d, m in res.items()}, "ms_per_step": 1000 * step_s})

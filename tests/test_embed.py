@@ -173,11 +173,11 @@ def test_another_model_is_refused_unless_a_new_run_is_asked_which_may_change_dim
 
 
 def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster, tiny_model, quickstart_embedded, tmp_path, capsys):
-    """In bf16, whose embeddings then stay close to the fp32 run's."""
+    """In bf16 and compiled (embed.compile), whose embeddings then stay close to the fp32 run's."""
     import ray
 
     out = tmp_path / "out"
-    args = embed_overrides(tiny_model, out, "embed.precision=bf16")
+    args = embed_overrides(tiny_model, out, "embed.precision=bf16", "embed.compile=true")
     bf16 = load_job(None, args, EmbedJob)
     # A real write failure part-way: a folder where shard 2's record goes makes its rename fail: the
     # command fails at run time (exit 1) in one line that names the file and says how to resume.
@@ -211,6 +211,7 @@ def test_an_interrupted_run_resumes_writing_only_the_missing_shards(ray_cluster,
 
     fp32_dir, fp32 = quickstart_embedded
     assert committed["embedding"]["ran_in"] == ["bf16"] and committed["model"]["fingerprint"] == fp32["model"]["fingerprint"]
+    assert committed["actors"] and all(a["actor"].endswith("bf16, compiled)") for a in committed["actors"]), committed["actors"]
     for a, b in zip(fp32["shards"], committed["shards"]):
         _, x = manifest.read_shard(fp32_dir, a, 32)
         _, y = manifest.read_shard(str(out), b, 32)

@@ -1,7 +1,8 @@
 import pytest
 import torch
+from helpers import QUICKSTART
 
-from raykit.config import DeepSpeedConfig, LoraConfig, ModelConfig, TrainConfig
+from raykit.config import DataConfig, DeepSpeedConfig, LoraConfig, ModelConfig, TrainConfig
 from raykit.encoder import Encoder
 from raykit.errors import ConfigError
 from raykit.strategies.full import deepspeed_config
@@ -171,3 +172,47 @@ def test_lora_evaluates_with_the_adapters_merged_and_the_base_restored_bit_for_b
     trainee.encoder.train()
     trainee.step(trainee(trainee.encoder.tokenize(TEXTS, role="document")).sum())
     assert all(torch.equal(p, base[n]) for n, p in trainee.encoder.named_parameters() if "lora_" not in n)
+
+
+def test_a_compiled_encoder_trains_evaluates_and_exports_as_the_eager_one(tiny_model, tmp_path, monkeypatch):
+    """scaling.compile changes the speed, not the result. LoRA steps through torch.compile (TorchInductor,
+    really compiled here) give the eager steps' losses and gradient norms, evaluation with the adapters
+    merged gives the eager embeddings, and the export the same weights under the same names. The trace
+    has no graph break: one whole graph per mode (training, merged evaluation), not fragments between
+    eager ops."""
+    import safetensors.torch
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    from raykit.data import load_training_set
+    from raykit.jobfile import load_job
+    from raykit.strategies import build_trainee
+    from raykit.train.loop import training_step
+
+    # compiled dropout draws from a generator of its own unless it falls back to eager's, as here: then the runs compare
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    counters.clear()
+    table = load_training_set(DataConfig(train=str(QUICKSTART)), seed=0)
+    cpu = torch.device("cpu")
+    runs = {}
+    for compile in (False, True):
+        job = load_job(None, [f"model.name={tiny_model}", f"data.train={QUICKSTART}", "model.max_seq_length=32",
+                              "lora.rank=4", "train.batch_size=8", f"scaling.compile={compile}"])
+        torch.manual_seed(0)
+        trainee = build_trainee(Encoder.load(job.model), job, total_steps=10, device=cpu, bf16=False)
+        steps = [training_step(trainee, table.slice(8 * i, 8).to_pydict(), job, cpu)[:2] for i in range(3)]
+        trainee.encoder.eval()
+        with trainee.evaluating():
+            embedded = trainee.encoder.encode(TEXTS, role="query")
+        trainee.export(str(tmp_path / str(compile) / "model"), rank=0)
+        runs[compile] = [(loss.item(), norm) for loss, norm in steps], embedded
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
+    (eager, eager_embedded), (compiled, compiled_embedded) = runs[False], runs[True]
+    assert compiled == [pytest.approx(step, rel=1e-5) for step in eager]
+    torch.testing.assert_close(compiled_embedded, eager_embedded, atol=1e-6, rtol=1e-5)
+    saved = [safetensors.torch.load_file(tmp_path / str(c) / "model" / "model.safetensors") for c in (False, True)]
+    assert saved[0].keys() == saved[1].keys()
+    for name, weight in saved[0].items():
+        torch.testing.assert_close(saved[1][name], weight, atol=1e-6, rtol=1e-5)

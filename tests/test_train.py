@@ -95,6 +95,8 @@ def test_a_killed_drivers_run_resumes_past_a_damaged_checkpoint(ray_cluster, tin
         (["model.max_seq_length=512"], "model.max_seq_length: 512 is past the 128 positions"),
         (["scaling.num_workers=32", "scaling.feed_actors=1"],
          "scaling: 32 worker(s) x (1 CPU(s) + 1 feed actor(s)) need 64 CPUs, and the local Ray here has"),
+        (["train.strategy=full", "deepspeed.zero_stage=3", "scaling.compile=true"],
+         "scaling.compile: ZeRO-3 gathers each layer's weights in hooks that break torch.compile's graph"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tiny_model, tmp_path, capsys, extra, message):

@@ -63,6 +63,12 @@ class JobConfig:
                 "train.l2sp: needs every weight on every worker, which ZeRO-3 shards away; "
                 "use deepspeed.zero_stage=2 (or 0-1) with l2sp, or train.l2sp=0"
             )
+        if self.scaling.compile and self.train.strategy == "full" and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "scaling.compile: ZeRO-3 gathers each layer's weights in hooks that break torch.compile's graph "
+                "at every layer (it gives up and runs eager); use deepspeed.zero_stage=2 (or 0-1) with compile, "
+                "or scaling.compile=false"
+            )
         if self.synth.enabled and self.mine.enabled:
             raise ConfigError("synth.enabled with mine.enabled: mining reads labelled qrels, which a cold start has none of; "
                               "train on the synthetic pairs first (in-batch negatives), or set mine.enabled=false")

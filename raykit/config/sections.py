@@ -241,6 +241,9 @@ class ScalingConfig:
     # tokenizer actors per worker, 1 CPU each (a Ray Data stage that reads ahead on the cluster's CPUs,
     # any node's); 0 = read-ahead threads on the worker's own cores (raykit/train/feed.py)
     feed_actors: int = 0
+    # run the model through torch.compile (fused kernels; raykit/device.py): the first steps and
+    # evaluations wait for the compiler, the rest run faster. Not with ZeRO-3.
+    compile: bool = False
     # one worker's accelerator peak, TFLOPS at the precision it trains in, for MFU (raykit/flops.py);
     # 0 = raykit's table of GPUs (H100, A100, L4, ...); a device it does not know reports no MFU
     peak_tflops: float = 0.0

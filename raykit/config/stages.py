@@ -23,6 +23,7 @@ class EmbedConfig:
     # bf16 | fp32. bf16 embeddings match fp32 to cosine > 0.9999; the manifest records what ran.
     precision: str = "auto"
     peak_tflops: float = 0.0  # one encoder actor's accelerator peak for MFU, as scaling.peak_tflops
+    compile: bool = False  # encoder actors run the model through torch.compile, as scaling.compile
 
     def __post_init__(self):
         choice("embed.dtype", self.dtype, ("float32", "float16"))

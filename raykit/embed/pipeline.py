@@ -153,7 +153,7 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
     encode = {"model": job.model, "max_seq_length": settings["max_seq_length"], "prompts": settings["prompts"], **hub,
               "fingerprint": identity["model"], "dim": identity["dim"], "dtype": identity["dtype"], "batch_size": cfg.batch_size,
               "batch_tokens": cfg.batch_tokens, "precision": cfg.precision, "threads": max(1, round(cfg.cpus_per_actor)),
-              "peak_tflops": cfg.peak_tflops}
+              "peak_tflops": cfg.peak_tflops, "compile": cfg.compile}
     write = {"output": output, "identity": identity, "attempt": attempt}
     ds = ray.data.from_items([{"shard": json.dumps(s.__dict__)} for s in todo], override_num_blocks=len(todo))
 

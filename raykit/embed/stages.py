@@ -106,13 +106,13 @@ class EncodeShards:
     """An encoder actor: loads the model once, checks it is the driver's, embeds one shard per call."""
 
     def __init__(self, model, max_seq_length, prompts, revision, trust_remote_code, fingerprint, dim, dtype, batch_size,
-                 batch_tokens, precision, threads, peak_tflops=0.0):
+                 batch_tokens, precision, threads, peak_tflops=0.0, compile=False):
         import os
         import socket
 
         import torch
 
-        from raykit.device import local_device
+        from raykit.device import compiled, local_device
         from raykit.encoder import Encoder
         from raykit.flops import ModelFlops, peak_flops
         from raykit.precision import use_bf16
@@ -125,6 +125,8 @@ class EncodeShards:
         if mine != fingerprint:  # e.g. a hub id that resolved to another revision on this node
             raise RaykitError(f"model: {model} loaded on this node as {manifest.short(mine)}, on the driver as {manifest.short(fingerprint)}; pin one revision (revision=) or use a folder on shared storage")
         self.encoder = encoder.to(self.device).eval()
+        if compile:  # embed.compile: the first batches of each new shape family wait for the compiler
+            compiled(self.encoder)
         self.bf16 = use_bf16(precision, self.device)
         self.pad = encoder.tokenizer.pad_token_id or 0
         self.dim, self.dtype, self.batch_size = dim, np.dtype(dtype), batch_size
@@ -136,7 +138,7 @@ class EncodeShards:
         self.flops = ModelFlops(encoder.model, encoder.model.config)
         self.peak = peak_flops(self.device, self.bf16, peak_tflops) or 0.0
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu x{threads}"
-        self.actor = f"{socket.gethostname()}:{os.getpid()} ({where}, {'bf16' if self.bf16 else 'fp32'})"
+        self.actor = f"{socket.gethostname()}:{os.getpid()} ({where}, {'bf16' if self.bf16 else 'fp32'}{', compiled' if compile else ''})"
 
     def __call__(self, batch: dict) -> dict:
         import torch

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from raykit.config import JobConfig
+from raykit.device import compiled
 from raykit.encoder import Encoder
 
 
@@ -54,7 +55,13 @@ def build_trainee(encoder: Encoder, job: JobConfig, total_steps: int, device: to
     if job.train.strategy == "lora":
         from raykit.strategies.lora import LoraTrainee
 
-        return LoraTrainee(encoder, job, total_steps, device, bf16)
-    from raykit.strategies.full import DeepSpeedTrainee
+        trainee = LoraTrainee(encoder, job, total_steps, device, bf16)
+    else:
+        from raykit.strategies.full import DeepSpeedTrainee
 
-    return DeepSpeedTrainee(encoder, job, total_steps, device, bf16)
+        trainee = DeepSpeedTrainee(encoder, job, total_steps, device, bf16)
+    if job.scaling.compile:
+        # the whole encoder (peft's adapters, pooling and normalization with the transformer), inside
+        # DDP or the DeepSpeed engine, whose gradient hooks run as they would without it
+        compiled(trainee.encoder)
+    return trainee

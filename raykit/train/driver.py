@@ -35,9 +35,9 @@ OUTPUTS = ("job.json", "checkpoints", "synth", "mined", "scored", "model", "adap
            "eval.json", "loss_curve.png", "ndcg_by_dim.png", "forgetting.png", "run.json")
 # Settings that change how a run goes, not what it produces: a rerun may change them and resume.
 OPERATIONAL = ("output_dir", "new_run", "run", "train.log_every", "train.checkpoint_every", "train.report_to",
-               "scaling.cpus_per_worker", "scaling.feed_actors", "scaling.peak_tflops", "eval.batch_size", "synth.output", "synth.concurrency", "synth.num_gpus",
-               "synth.batch_size", "synth.embed.concurrency", "synth.embed.cpus_per_actor", "synth.embed.num_gpus", "synth.embed.peak_tflops", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
-               "mine.embed.num_gpus", "mine.embed.peak_tflops", "teacher.output", "teacher.concurrency", "teacher.num_gpus")
+               "scaling.cpus_per_worker", "scaling.feed_actors", "scaling.peak_tflops", "scaling.compile", "eval.batch_size", "synth.output", "synth.concurrency", "synth.num_gpus",
+               "synth.batch_size", "synth.embed.concurrency", "synth.embed.cpus_per_actor", "synth.embed.num_gpus", "synth.embed.peak_tflops", "synth.embed.compile", "mine.output", "mine.embed.concurrency", "mine.embed.cpus_per_actor",
+               "mine.embed.num_gpus", "mine.embed.peak_tflops", "mine.embed.compile", "teacher.output", "teacher.concurrency", "teacher.num_gpus")
 
 
 def run(job: JobConfig, callbacks=()) -> dict:

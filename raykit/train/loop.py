@@ -53,6 +53,8 @@ def train_fn_per_worker(config: dict) -> None:
     # Model, wrapped for the strategy.
     encoder = Encoder.load(job.model, attention_dropout=job.train.attention_dropout)
     trainee = build_trainee(encoder, job, total_steps, device, use_bf16(job.train.precision, device))
+    if job.scaling.compile:
+        log("the model runs through torch.compile: its first steps and evaluation wait for the compiler")
 
     # Resume: the latest sound checkpoint of this output_dir, after a rerun or a worker-group restart.
     checkpoint = ray.train.get_checkpoint() or checkpoints.latest_kept(config["checkpoints"])
