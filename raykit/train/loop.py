@@ -50,11 +50,7 @@ def train_fn_per_worker(config: dict) -> None:
     _quiet_ray_train_reports()
     log = _rank0_logger(rank)
 
-    # Model, wrapped for the strategy.
-    encoder = Encoder.load(job.model, attention_dropout=job.train.attention_dropout)
-    trainee = build_trainee(encoder, job, total_steps, device, use_bf16(job.train.precision, device))
-    if job.scaling.compile:
-        log("the model runs through torch.compile: its first steps and evaluation wait for the compiler")
+    trainee = _load_trainee(job, total_steps, device, log)  # the model, wrapped for the strategy
 
     # Resume: the latest sound checkpoint of this output_dir, after a rerun or a worker-group restart.
     checkpoint = ray.train.get_checkpoint() or checkpoints.latest_kept(config["checkpoints"])
@@ -191,6 +187,15 @@ def _loss_on_embeddings(batch: dict, job: JobConfig, device):
 
 
 # --- the loop's decisions ----------------------------------------------------------------------------
+
+
+def _load_trainee(job: JobConfig, total_steps: int, device, log):
+    """The model, wrapped for the strategy (peft + DDP, or a DeepSpeed engine), compiled if asked."""
+    encoder = Encoder.load(job.model, attention_dropout=job.train.attention_dropout)
+    trainee = build_trainee(encoder, job, total_steps, device, use_bf16(job.train.precision, device))
+    if job.scaling.compile:
+        log("the model runs through torch.compile: its first steps and evaluation wait for the compiler")
+    return trainee
 
 
 def _resume(trainee, checkpoint, rank: int, total_steps: int, log) -> tuple[dict, BatchDigest]:
