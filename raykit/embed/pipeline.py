@@ -26,7 +26,15 @@ from datetime import datetime, timezone
 import numpy as np
 
 from raykit import __version__, storage
-from raykit.cluster import actor_count, connect_ray, node_count, quiet_ray_data, require_shared_storage, worker_error
+from raykit.cluster import (
+    actor_count,
+    check_local_compiler,
+    connect_ray,
+    node_count,
+    quiet_ray_data,
+    require_shared_storage,
+    worker_error,
+)
 from raykit.config import EmbedJob
 from raykit.embed import corpus, manifest, stages
 from raykit.encoder import Encoder, check_length, model_config
@@ -54,6 +62,8 @@ def run(job: EmbedJob) -> dict:
     # Everything checkable is checked before a worker starts (or Ray, for a first run: see below).
     hub = {"revision": job.revision, "trust_remote_code": job.trust_remote_code}
     dim = _checked_dim(job, hub)
+    if job.embed.compile:
+        check_local_compiler("embed.compile", job.embed.num_gpus > 0)
     if committed is None:
         manifest.check_store(output)
     encoder = _load_while_ray_starts(job, hub, start_ray=committed is None)

@@ -126,7 +126,7 @@ class EncodeShards:
             raise RaykitError(f"model: {model} loaded on this node as {manifest.short(mine)}, on the driver as {manifest.short(fingerprint)}; pin one revision (revision=) or use a folder on shared storage")
         self.encoder = encoder.to(self.device).eval()
         if compile:  # embed.compile: the first batches of each new shape family wait for the compiler
-            compiled(self.encoder)
+            compiled(self.encoder, "embed.compile")
         self.bf16 = use_bf16(precision, self.device)
         self.pad = encoder.tokenizer.pad_token_id or 0
         self.dim, self.dtype, self.batch_size = dim, np.dtype(dtype), batch_size

@@ -63,5 +63,5 @@ def build_trainee(encoder: Encoder, job: JobConfig, total_steps: int, device: to
     if job.scaling.compile:
         # the whole encoder (peft's adapters, pooling and normalization with the transformer), inside
         # DDP or the DeepSpeed engine, whose gradient hooks run as they would without it
-        compiled(trainee.encoder)
+        compiled(trainee.encoder, "scaling.compile")
     return trainee

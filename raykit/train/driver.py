@@ -17,7 +17,7 @@ import torch
 
 import raykit.log
 from raykit import identity, storage
-from raykit.cluster import check_local_cpus, connect_ray, require_shared_storage
+from raykit.cluster import check_local_compiler, check_local_cpus, connect_ray, require_shared_storage
 from raykit.config import Columns, JobConfig
 from raykit.data import load_beir, load_validation_set, training_set
 from raykit.encoder import check_length, model_config
@@ -145,6 +145,8 @@ def check(job: JobConfig) -> None:
     check_local_cpus(scaling.num_workers * (scaling.cpus_per_worker + scaling.feed_actors),
                      f"scaling: {scaling.num_workers} worker(s) x ({scaling.cpus_per_worker} CPU(s) + {scaling.feed_actors} feed actor(s))",
                      "lower scaling.num_workers, scaling.cpus_per_worker or scaling.feed_actors, or run on a cluster (RAY_ADDRESS)")
+    if scaling.compile:
+        check_local_compiler("scaling.compile", scaling.use_gpu)
     if job.synth.enabled and job.synth.output:
         storage.check_output("synth.output", job.synth.output, folder=False)
     if job.mine.enabled and job.mine.output:
