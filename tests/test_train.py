@@ -112,3 +112,26 @@ def test_an_output_dir_that_is_a_file_is_refused(tiny_model, tmp_path, capsys):
     err = refused(capsys, "train", JOB, *overrides(tiny_model, tmp_path / "run" / "sub"))
     assert err.startswith(f"raykit: error: output_dir: {tmp_path / 'run'} is a file, so nothing can be written under it")
     assert (tmp_path / "run").read_text() == "mine"
+
+
+def test_a_run_ray_train_gave_up_on_ends_in_its_workers_error_line():
+    """The last line names what the workers raised, not Ray's "Training failed due to worker errors:":
+    a worker's raykit error as itself (exit 2: e.g. the compiler its node lacks), any other by its
+    exception line with how to resume (exit 1). Ray Train's own WorkerGroupError, as its controller
+    builds one from a worker's traceback."""
+    from ray.train import WorkerGroupError
+
+    from raykit.errors import RaykitError, RunFailed
+    from raykit.train.driver import _stopped
+
+    def failed(raised: str) -> WorkerGroupError:
+        snippet = ("[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+                   '  File "/raykit/train/loop.py", line 56, in train_fn_per_worker\n' + raised + "\n")
+        return WorkerGroupError(snippet, {0: RuntimeError(raised)})
+
+    ours = _stopped(failed("raykit.errors.RaykitError: scaling.compile: torch.compile needs a C++ compiler"), "/runs/x/checkpoints")
+    assert type(ours) is RaykitError and str(ours) == "scaling.compile: torch.compile needs a C++ compiler"
+    theirs = _stopped(failed("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"), "/runs/x/checkpoints")
+    assert type(theirs) is RunFailed and str(theirs) == (
+        "training stopped (torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB); the traceback is above. "
+        "Checkpoints are in /runs/x/checkpoints: rerun the same command to resume from the latest.")

@@ -17,7 +17,7 @@ import torch
 
 import raykit.log
 from raykit import identity, storage
-from raykit.cluster import check_local_compiler, check_local_cpus, connect_ray, require_shared_storage
+from raykit.cluster import check_local_compiler, check_local_cpus, connect_ray, require_shared_storage, worker_error
 from raykit.config import Columns, JobConfig
 from raykit.data import load_beir, load_validation_set, training_set
 from raykit.encoder import check_length, model_config
@@ -65,7 +65,6 @@ def run(job: JobConfig, callbacks=()) -> dict:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        log.error(str(e))  # the workers' tracebacks: the detail the one-line summary can't hold
         raise _stopped(e, storage.join(output_dir, "checkpoints")) from None
     summary = _write_outputs(result.checkpoint, job, inputs, output_dir, started)
     for block in report.text(summary["eval"], job.eval):
@@ -74,14 +73,18 @@ def run(job: JobConfig, callbacks=()) -> dict:
     return summary
 
 
-def _stopped(e: Exception, checkpoints: str) -> RunFailed:
-    """The one line for a run Ray Train gave up on. Storage that stayed away past RAYKIT_STORAGE_RETRY
-    (a checkpoint upload, the controller's own records) is named as such: the rerun will resume."""
+def _stopped(e: Exception, checkpoints: str) -> RaykitError | RunFailed:
+    """The one line for a run Ray Train gave up on, the workers' tracebacks logged before it. Storage
+    that stayed away past RAYKIT_STORAGE_RETRY (a checkpoint upload, the controller's own records) is
+    named as such: the rerun will resume. A worker's own raykit error (what its node lacks, e.g. the
+    compiler scaling.compile needs) is that error's line alone; any other, the worker's exception line
+    (cluster.worker_error), not Ray's "Training failed due to worker errors:"."""
     resume = f"checkpoints are in {checkpoints}: rerun the same command to resume from the latest"
     if cause := storage.outage(e):
+        log.error(str(e))
         return StorageUnavailable(f"training stopped: storage did not answer ({cause}); {resume} "
                                   f"(set {storage.RETRY_ENV} to wait longer)")
-    return RunFailed(f"training stopped ({str(e).strip().splitlines()[0]}); the traceback is above. {resume[0].upper()}{resume[1:]}.")
+    return worker_error(e, "training stopped", f"the traceback is above. {resume[0].upper()}{resume[1:]}.")
 
 
 def _another_job(output_dir: str, job: JobConfig) -> list[str]:
