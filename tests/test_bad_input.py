@@ -99,13 +99,15 @@ def test_compiling_where_no_compiler_is_installed_is_one_line_before_anything_ru
 
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-g++"))  # how Inductor finds g++: not there
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     missing = ("torch.compile needs a C++ compiler (g++, or $CXX), which Inductor builds its CPU kernels with, and "
                f"{socket.gethostname()} has none; install one there (e.g. apt-get install g++), or set")
     out = tmp_path / "out"
-    assert refused(capsys, "train", "quickstart", f"model.name={tiny_model}", f"output_dir={out}", "scaling.compile=true") == (
-        f"raykit: error: scaling.compile: {missing} scaling.compile=false")
-    assert refused(capsys, "embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", f"output={out}",
-                   "embed.compile=true") == f"raykit: error: embed.compile: {missing} embed.compile=false"
+    # where Inductor looks for g++: a name not installed (Inductor's own patch; monkeypatch's undo would hide the key)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "no-such-g++")}):
+        assert refused(capsys, "train", "quickstart", f"model.name={tiny_model}", f"output_dir={out}", "scaling.compile=true") == (
+            f"raykit: error: scaling.compile: {missing} scaling.compile=false")
+        assert refused(capsys, "embed", str(REPO / "jobs" / "reembed_scifact.yaml"), f"model={tiny_model}", f"output={out}",
+                       "embed.compile=true") == f"raykit: error: embed.compile: {missing} embed.compile=false"
     assert not out.exists()
+    assert torch._inductor.config.cpp.cxx[1] != "no-such-g++"  # restored for the suite's compiled runs

@@ -174,7 +174,7 @@ def test_lora_evaluates_with_the_adapters_merged_and_the_base_restored_bit_for_b
     assert all(torch.equal(p, base[n]) for n, p in trainee.encoder.named_parameters() if "lora_" not in n)
 
 
-def test_a_compiled_encoder_trains_evaluates_and_exports_as_the_eager_one(tiny_model, tmp_path, monkeypatch):
+def test_a_compiled_encoder_trains_evaluates_and_exports_as_the_eager_one(tiny_model, tmp_path):
     """scaling.compile changes the speed, not the result. LoRA steps through torch.compile (TorchInductor,
     really compiled here) give the eager steps' losses and gradient norms, evaluation with the adapters
     merged gives the eager embeddings, and the export the same weights under the same names. The trace
@@ -190,24 +190,24 @@ def test_a_compiled_encoder_trains_evaluates_and_exports_as_the_eager_one(tiny_m
     from raykit.strategies import build_trainee
     from raykit.train.loop import training_step
 
-    # compiled dropout draws from a generator of its own unless it falls back to eager's, as here: then the runs compare
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
     counters.clear()
     table = load_training_set(DataConfig(train=str(QUICKSTART)), seed=0)
     cpu = torch.device("cpu")
     runs = {}
-    for compile in (False, True):
-        job = load_job(None, [f"model.name={tiny_model}", f"data.train={QUICKSTART}", "model.max_seq_length=32",
-                              "lora.rank=4", "train.batch_size=8", f"scaling.compile={compile}"])
-        torch.manual_seed(0)
-        trainee = build_trainee(Encoder.load(job.model), job, total_steps=10, device=cpu, bf16=False)
-        steps = [training_step(trainee, table.slice(8 * i, 8).to_pydict(), job, cpu)[:2] for i in range(3)]
-        trainee.encoder.eval()
-        with trainee.evaluating():
-            embedded = trainee.encoder.encode(TEXTS, role="query")
-        trainee.export(str(tmp_path / str(compile) / "model"), rank=0)
-        runs[compile] = [(loss.item(), norm) for loss, norm in steps], embedded
+    # compiled dropout draws from a generator of its own unless it falls back to eager's, as here: then the runs compare
+    with torch._inductor.config.patch(fallback_random=True):
+        for compile in (False, True):
+            job = load_job(None, [f"model.name={tiny_model}", f"data.train={QUICKSTART}", "model.max_seq_length=32",
+                                  "lora.rank=4", "train.batch_size=8", f"scaling.compile={compile}"])
+            torch.manual_seed(0)
+            trainee = build_trainee(Encoder.load(job.model), job, total_steps=10, device=cpu, bf16=False)
+            steps = [training_step(trainee, table.slice(8 * i, 8).to_pydict(), job, cpu)[:2] for i in range(3)]
+            trainee.encoder.eval()
+            with trainee.evaluating():
+                embedded = trainee.encoder.encode(TEXTS, role="query")
+            trainee.export(str(tmp_path / str(compile) / "model"), rank=0)
+            runs[compile] = [(loss.item(), norm) for loss, norm in steps], embedded
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
     (eager, eager_embedded), (compiled, compiled_embedded) = runs[False], runs[True]
     assert compiled == [pytest.approx(step, rel=1e-5) for step in eager]
