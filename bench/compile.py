@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from common import SCIFACT, cpu_name, save  # noqa: E402
-from gpu_check import train  # noqa: E402
+from gpu_check import actor_shard, train  # noqa: E402
 
 from raykit.config import DataConfig  # noqa: E402
 from raykit.data import load_beir, load_training_set  # noqa: E402
@@ -62,10 +62,7 @@ def embedding(docs: int) -> dict[str, dict]:
     """{row: {docs_per_s, first_call_s}} of the encoder actor, eager then compiled."""
     encoder = Encoder.from_pretrained(MODEL, MAX_LEN)
     texts = list(load_beir(str(SCIFACT), "test").corpus.values())[:docs]
-    encoded = _backend_encode(fast_tokenizer(encoder.tokenizer, MAX_LEN), MAX_LEN)(texts)
-    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-    shard = {"shard": ["{}"], "ids": ["[]"], "content": [""], "lengths": [lengths.tobytes()],
-             "tokens": [np.concatenate([np.asarray(e, dtype=np.int32) for e in encoded]).tobytes()]}
+    shard, lengths = actor_shard(_backend_encode(fast_tokenizer(encoder.tokenizer, MAX_LEN), MAX_LEN)(texts))
     rows, outputs = {}, {}
     for compiled in (False, True):
         actor = EncodeShards(model=MODEL, max_seq_length=MAX_LEN, prompts={}, revision="", trust_remote_code=False,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from raykit.config import DataConfig
 from raykit.data import load_beir, load_training_set
 from raykit.device import configure
-from raykit.embed.stages import EncodeShards, _backend_encode, fast_tokenizer
+from raykit.embed.stages import EncodeShards, _backend_encode, fast_tokenizer, packed
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
 from raykit.flops import ModelFlops, mfu, peak_flops
@@ -103,6 +103,13 @@ def train(job, table, device, bf16, threads=None):
     timed = max(total - WARMUP_STEPS, 1)
     used = mfu(flops, seconds, peak_flops(device, bf16, job.scaling.peak_tflops))
     return trainee, float(loss.detach()), seconds / timed, timed * job.train.batch_size / seconds, used, warmup_s
+
+
+def actor_shard(encoded: list[list[int]]) -> tuple[dict, np.ndarray]:
+    """One shard of token ids as a tokenizer actor hands it to EncodeShards (raykit/embed/stages.py),
+    and its texts' lengths."""
+    shard = {"shard": ["{}"], "ids": ["[]"], "content": [""], **{k: [v] for k, v in packed(encoded).items()}}
+    return shard, np.frombuffer(shard["lengths"][0], dtype=np.int64)
 
 
 def guarded(report, section, name, fn):
@@ -240,10 +247,7 @@ def main():
         return {"docs_per_s": len(docs) / (time.perf_counter() - t), "mean_tokens": float(np.mean([len(e) for e in encoded]))}
 
     tok = guarded(report, "embed", "tokenizer, one core (tokenizers backend, as TokenizeShards)", tokenizer_core)
-    encoded = tokenize(docs)
-    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-    shard = {"shard": ["{}"], "ids": ["[]"], "content": [""], "lengths": [lengths.tobytes()],
-             "tokens": [np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum())).tobytes()]}
+    shard, lengths = actor_shard(tokenize(docs))
     fingerprint = encoder.fingerprint()
     repeats = 1 if dry else CORPUS_REPEATS
 

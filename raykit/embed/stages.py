@@ -80,6 +80,14 @@ def _backend_encode(spec: dict, max_seq_length: int):
     return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
 
 
+def packed(encoded: list[list[int]]) -> dict[str, bytes]:
+    """A shard's token ids as its encoder actor takes them: every text's ids end to end (int32), and
+    each text's count (int64)."""
+    lengths = np.array([len(t) for t in encoded], dtype=np.int64)
+    tokens = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32, count=int(lengths.sum()))
+    return {"tokens": tokens.tobytes(), "lengths": lengths.tobytes()}
+
+
 def _read_and_tokenize(row: dict, encode, prompt: str = "") -> dict:
     shard = corpus.Shard(**json.loads(row["shard"]))
     ids, texts = corpus.read(shard)
@@ -88,13 +96,10 @@ def _read_and_tokenize(row: dict, encode, prompt: str = "") -> dict:
         raise RaykitError(f"{shard.path}: duplicate id '{dup}' in {shard.name}; ids must be unique")
     prompted = [prompt + t for t in texts] if prompt else texts  # as Encoder.prompted: one rule, but no torch here
     encoded = encode(prompted) if texts else []
-    lengths = np.array([len(t) for t in encoded], dtype=np.int64)
-    tokens = np.fromiter((t for seq in encoded for t in seq), dtype=np.int32, count=int(lengths.sum()))
     row = {
         "shard": row["shard"],
         "ids": json.dumps(ids),  # one string: Arrow keeps it as is, whatever the ids look like
-        "tokens": tokens.tobytes(),
-        "lengths": lengths.tobytes(),
+        **packed(encoded),
         "content": corpus.content_hash(ids, texts),
     }
     del texts, prompted, encoded
