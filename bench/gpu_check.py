@@ -17,8 +17,9 @@ machine): one short run that prints the issue's GPU figures and writes them to O
    with its defaults; and what one tokenizer core does, so the tokenizer actors a GPU needs.
 3. (--scan-seconds N) a learning-rate x epochs scan on SciFact to choose the jobs' defaults.
 
---parts picks among train, embed (the default: both), big (LoRA and ZeRO-2 at batch 512 and 1,024
-without gradient caching), compile (LoRA and ZeRO-2 at batch 256 and the encoder actor in bf16, eager
+--parts picks among train, embed (the default: both), feed (LoRA and ZeRO-2 at batch 256, read ahead
+on 7 threads and on one, tokenizing through transformers' call and through the tokenizer's backend
+alone, raykit/tokens.py), big (LoRA and ZeRO-2 at batch 512 and 1,024 without gradient caching), compile (LoRA and ZeRO-2 at batch 256 and the encoder actor in bf16, eager
 and through torch.compile, scaling.compile / embed.compile), sdpa (training and an encoder actor's first
 pass with cuDNN's attention off and on, raykit/device.py) and profile (torch.profiler tables of a LoRA
 and a ZeRO-2 step). bench/gpu_pack.sh packs what it needs for a lent machine (the model's weights in
@@ -48,10 +49,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raykit import tokens
 from raykit.config import DataConfig
 from raykit.data import load_beir, load_training_set
 from raykit.device import configure
-from raykit.embed.stages import EncodeShards, _backend_encode, fast_tokenizer, packed
+from raykit.embed.stages import EncodeShards, packed
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
 from raykit.flops import ModelFlops, mfu, peak_flops
@@ -70,9 +72,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def train(job, table, device, bf16, threads=None):
+def train(job, table, device, bf16, threads=None, backend=True):
     """Train `job` in this process, reading ahead on `threads` (default: as a Ray Train worker with the
-    job's scaling.cpus_per_worker does); returns (trainee, last loss, s/step, pairs/s, MFU, warm-up s) with MFU
+    job's scaling.cpus_per_worker does), tokenizing through the tokenizer's backend alone (raykit/tokens.py;
+    `backend=False`: through transformers' tokenizer call, as before it); returns (trainee, last loss, s/step, pairs/s, MFU, warm-up s) with MFU
     counted as raykit's progress line counts it (raykit/flops.py; None where the device's peak is unknown)
     and the warm-up's seconds (the first WARMUP_STEPS steps: with scaling.compile, the compiler's time)."""
     steps_per_epoch = table.num_rows // job.train.batch_size
@@ -88,7 +91,9 @@ def train(job, table, device, bf16, threads=None):
     warmup_s = 0.0
     # as the training loop reads its input: taken, tokenized and pinned ahead on a thread (raykit/train/feed.py)
     threads = threads or feed_threads(job.scaling.cpus_per_worker, device)
-    with Ahead(trainee.encoder, table, steps, job.loss.mini_batch_size, device, threads) as ahead:
+    tokenizing = trainee.encoder.tokenizing()
+    tokenizing = tokenizing if backend else dataclasses.replace(tokenizing, backend=None)
+    with Ahead(tokenizing, table, steps, job.loss.mini_batch_size, device, threads) as ahead:
         for prepared in ahead:
             loss, _, lengths = training_step(trainee, prepared, job, device)
             step += 1
@@ -132,7 +137,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--dry-run", action="store_true", help="small sizes, to check the script on a CPU")
-    p.add_argument("--parts", default="train,embed", help="which of train, embed, big, compile, sdpa, profile to run")
+    p.add_argument("--parts", default="train,embed", help="which of train, embed, feed, big, compile, sdpa, profile to run")
     args = p.parse_args()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cuda = torch.cuda.is_available()
@@ -162,12 +167,13 @@ def main():
     precision = f"train.precision={'bf16' if cuda else 'fp32'}"
 
     # 1. training
-    def run_train(extra, batch, steps, export, threads=None):
+    def run_train(extra, batch, steps, export, threads=None, backend=True):
         def fn():
             job = load_job(None, base + extra + [f"train.batch_size={batch}", f"train.max_steps={steps}", precision])
             reset_peak()
-            trainee, loss, step_s, pairs_s, used, warmup_s = train(job, table, device, bf16=cuda, threads=threads)
-            row = {"batch": batch, "feed_threads": threads or feed_threads(job.scaling.cpus_per_worker, device), "loss": loss,
+            trainee, loss, step_s, pairs_s, used, warmup_s = train(job, table, device, bf16=cuda, threads=threads, backend=backend)
+            row = {"batch": batch, "feed_threads": threads or feed_threads(job.scaling.cpus_per_worker, device),
+                   "tokenizer": "backend" if backend else "transformers", "loss": loss,
                    "ms_per_step": 1000 * step_s, "pairs_per_s": pairs_s, "mfu": used, "peak_mib": peak_mib(),
                    "warmup_s": warmup_s}
             if export:
@@ -208,11 +214,24 @@ def main():
             guarded(report, "train", name, run_train(extra, batch, 6 if dry else steps, False))
             dump()
 
+    if "feed" in args.parts:
+        # the read-ahead threads tokenizing through transformers' call (holding the GIL the loop's thread
+        # launches kernels with) against the tokenizer's backend alone, on 7 threads and on one
+        warm = [("warm-up (lora b32)", lora, 32, 10)] if not ({"train", "big"} & set(args.parts.split(","))) else []
+        for name, extra, batch, steps in warm:
+            guarded(report, "train", name, run_train(extra, batch, 6 if dry else steps, False))
+        for name, extra in (("lora", lora), ("zero2", zero2)):
+            for threads in (None, 1):
+                for backend in (False, True):
+                    label = f"{name} b{big}{', one feed thread' if threads else ''}, {'backend' if backend else 'transformers call'}"
+                    guarded(report, "train", label, run_train(extra, big, 6 if dry else 15, False, threads, backend))
+                    dump()
+
     if "compile" in args.parts:
         # torch.compile (scaling.compile): eager and compiled in this run, at batch 256 and with gradient
         # caching at 512; each row's warmup_s holds the compiler's time
         on = ["scaling.compile=true"]
-        warm = [("warm-up (lora b32)", lora, 32, 10)] if not ({"train", "big"} & set(args.parts.split(","))) else []
+        warm = [("warm-up (lora b32)", lora, 32, 10)] if not ({"train", "big", "feed"} & set(args.parts.split(","))) else []
         for name, extra, batch, steps in warm + [
                 (f"lora b{big}", lora, big, 15), (f"lora b{big} compiled", lora + on, big, 15),
                 (f"zero2 b{big}", zero2, big, 15), (f"zero2 b{big} compiled", zero2 + on, big, 15),
@@ -237,8 +256,7 @@ def main():
     # 2. embedding: the model as `raykit embed` loads it (its driver and its encoder actors alike)
     encoder = Encoder.from_pretrained(args.model, args.max_len).eval()
     docs = list(test.corpus.values())[:100 if dry else None]
-    spec = fast_tokenizer(encoder.tokenizer, encoder.max_seq_length)
-    tokenize = _backend_encode(spec, encoder.max_seq_length)
+    tokenize = tokens.backend(encoder.tokenizer, encoder.max_seq_length, padding=False).ids
 
     def tokenizer_core():
         tokenize(docs[:256])
@@ -353,7 +371,7 @@ def profile(job, table, device, cuda):
     rng = np.random.default_rng(0)
     steps = [rng.permutation(table.num_rows)[:32] for _ in range(job.train.max_steps)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with Ahead(trainee.encoder, table, steps, 0, device, feed_threads(job.scaling.cpus_per_worker, device)) as ahead, \
+    with Ahead(trainee.encoder.tokenizing(), table, steps, 0, device, feed_threads(job.scaling.cpus_per_worker, device)) as ahead, \
             torch_profile(activities=activities, schedule=schedule(wait=6, warmup=2, active=6)) as prof:
         for prepared in ahead:
             training_step(trainee, prepared, job, device)

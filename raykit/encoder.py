@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raykit import cache, storage
+from raykit import cache, storage, tokens
 from raykit.config import ModelConfig, Prompts
 from raykit.errors import RaykitError
 
@@ -98,23 +98,25 @@ def check_length(config, length: int, name: str, key: str = "max_seq_length") ->
 class Tokenizing:
     """How an encoder turns texts into its model's input: its tokenizer, its prompts, its length. One
     rule for the encoder and for processes that tokenize without its weights (the tokenizer actors
-    of raykit/train/feed.py)."""
+    of raykit/train/feed.py). A copy (copy.deepcopy) is another thread's: a fast tokenizer used from
+    two threads at once fails ("Already borrowed")."""
 
     tokenizer: Any
     prompts: dict[str, str]  # {"query": ..., "document": ...}
     max_seq_length: int
+    backend: tokens.Backend | None = None  # the tokenizer's Rust backend alone, where it gives the same
 
     def prompted(self, texts, role: str) -> list[str]:
         """`texts` as the model sees them in `role` ("query" or "document"): after that role's prompt."""
         prompt = self.prompts.get(role, "")
         return [prompt + t for t in texts] if prompt else list(texts)
 
-    def tokenize(self, texts: list[str], *, role: str, tokenizer=None) -> dict[str, torch.Tensor]:
-        """Padded, truncated tensors of `texts` in `role`; `tokenizer`: a copy of this one, for
-        another thread (raykit.train.feed)."""
-        return (tokenizer or self.tokenizer)(
-            self.prompted(texts, role), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
-        )
+    def tokenize(self, texts: list[str], *, role: str) -> dict[str, torch.Tensor]:
+        """Padded, truncated tensors of `texts` in `role`."""
+        texts = self.prompted(texts, role)
+        if self.backend is not None and texts:  # the same tensors, without holding the GIL for most of the time
+            return {name: torch.from_numpy(array) for name, array in self.backend.padded(texts).items()}
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"))
 
 
 class Encoder(nn.Module):
@@ -216,13 +218,17 @@ class Encoder(nn.Module):
         return self.model.config.hidden_size
 
     def tokenizing(self) -> Tokenizing:
-        return Tokenizing(self.tokenizer, self.prompts, self.max_seq_length)
+        rule = self.max_seq_length, tuple(self.prompts.values())
+        if getattr(self, "_backend_for", None) != rule:  # checked once, and again if the length or prompts change
+            self._backend = tokens.backend(self.tokenizer, self.max_seq_length, ("", *self.prompts.values()))
+            self._backend_for = rule
+        return Tokenizing(self.tokenizer, self.prompts, self.max_seq_length, self._backend)
 
     def prompted(self, texts, role: str) -> list[str]:
         return self.tokenizing().prompted(texts, role)
 
-    def tokenize(self, texts: list[str], *, role: str, tokenizer=None) -> dict[str, torch.Tensor]:
-        return self.tokenizing().tokenize(texts, role=role, tokenizer=tokenizer)
+    def tokenize(self, texts: list[str], *, role: str) -> dict[str, torch.Tensor]:
+        return self.tokenizing().tokenize(texts, role=role)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}

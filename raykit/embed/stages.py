@@ -25,10 +25,10 @@ class TokenizeShards:
     """Reads a shard's documents and tokenizes them after the document prompt (no padding: the
     encoder pads per batch).
 
-    `tokenizer` is the driver's fast tokenizer as the `tokenizers` library's JSON (an object ref, see
-    fast_tokenizer): the same ids as transformers' AutoTokenizer, without importing transformers or
-    torch, so a tokenizer actor starts in a fraction of the time (a GPU encoder has up to 16 of them).
-    Where fast_tokenizer gives None (a slow tokenizer, or a class that changes its backend's ids) the
+    `tokenizer` is the driver's fast tokenizer's backend (an object ref to a raykit.tokens.Backend):
+    the same ids as transformers' AutoTokenizer, without importing transformers or torch, so a
+    tokenizer actor starts in a fraction of the time (a GPU encoder has up to 16 of them). Where
+    tokens.backend gives None (a slow tokenizer, or a class that changes its backend's ids) the
     actor loads AutoTokenizer instead."""
 
     def __init__(self, model: str, max_seq_length: int, prompt: str = "", revision: str = "", trust_remote_code: bool = False,
@@ -36,7 +36,7 @@ class TokenizeShards:
         if tokenizer is not None:
             import ray
 
-            self.encode = _backend_encode(ray.get(tokenizer), max_seq_length)
+            self.encode = ray.get(tokenizer).ids
         else:
             from transformers import AutoTokenizer
 
@@ -49,35 +49,6 @@ class TokenizeShards:
     def __call__(self, batch: dict) -> dict:
         out = _read_and_tokenize({"shard": batch["shard"][0]}, self.encode, self.prompt)
         return {k: [v] for k, v in out.items()}
-
-
-# Texts the driver tokenizes both ways before it trusts the backend alone: accents and other scripts,
-# whitespace, special tokens written out, and one past any max_seq_length.
-PROBES = ("Statins lower LDL cholesterol.", "  Ünïcödé,\ttabs\nand   spaces ", "déjà vu 東京 Москва", "[CLS] <s> </s> [SEP] <pad>",
-          "word " * 600, "")
-
-
-def fast_tokenizer(tokenizer, max_seq_length: int, prompt: str = "") -> dict | None:
-    """What a tokenizer actor needs to tokenize as transformers' `tokenizer` does, with the
-    `tokenizers` library alone. None where it cannot: a slow (Python) tokenizer, or a fast one whose
-    Python class changes the ids its backend gives (checked on PROBES, after the prompt)."""
-    if not getattr(tokenizer, "is_fast", False):
-        return None
-    spec = {"json": tokenizer.backend_tokenizer.to_str(), "truncation_side": tokenizer.truncation_side}
-    probes = [prompt + t for t in PROBES]
-    same = _backend_encode(spec, max_seq_length)(probes) == tokenizer(probes, truncation=True, max_length=max_seq_length)["input_ids"]
-    return spec if same else None
-
-
-def _backend_encode(spec: dict, max_seq_length: int):
-    """transformers' fast `tokenizer(texts, truncation=True, max_length=...)["input_ids"]`: it sets
-    this truncation and no padding on its backend, then calls encode_batch with special tokens."""
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(spec["json"])
-    backend.enable_truncation(max_seq_length, stride=0, strategy="longest_first", direction=spec["truncation_side"])
-    backend.no_padding()
-    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
 
 
 def packed(encoded: list[list[int]]) -> dict[str, bytes]:

@@ -4,10 +4,11 @@ Each step's rows come from the table in batches.py's order, unchanged: a resumed
 what an uninterrupted one does. They are tokenized ahead of the step, in one of two places:
 
 - `Ahead`: background threads of the worker (the default). The tokenizer is Rust code that releases
-  the GIL, so on a GPU node the host's work overlaps the device's and several steps are tokenized at
-  once on the worker's cores. Each thread has its own copy of the tokenizer: evaluation tokenizes on
-  the loop's thread meanwhile, and a fast tokenizer used from two threads at once fails ("Already
-  borrowed").
+  the GIL, and raykit pads its ids without transformers' Python (raykit/tokens.py), so on a GPU node
+  the host's work overlaps the device's, several steps are tokenized at once on the worker's cores,
+  and the loop's thread, launching the GPU's kernels, keeps the GIL. Each thread has its own copy of
+  the tokenizer: evaluation tokenizes on the loop's thread meanwhile, and a fast tokenizer used from
+  two threads at once fails ("Already borrowed").
 - `Stream` (scaling.feed_actors > 0): a Ray Data stage of tokenizer actors on the cluster's CPUs, any
   node's, for a GPU worker whose own cores cannot keep up. The stage streams step numbers, not rows:
   each actor builds the worker's batches.Plan from the shared table and prepares the steps it is
@@ -70,17 +71,17 @@ def forward_inputs(batch: dict) -> list[tuple[list[str], str]]:
     return inputs
 
 
-def prepare(encoder: Encoder | Tokenizing, batch: dict, chunk: int, device, tokenizer=None) -> Prepared:
+def prepare(tokenizing: Tokenizing, batch: dict, chunk: int, device) -> Prepared:
     """Tokenize a batch of rows for one step; `chunk` (loss.mini_batch_size) splits each pass into
     chunks, each pass's texts longest first so that a chunk pads only to texts of its own length."""
     inputs = forward_inputs(batch)
     orders = None
     if chunk and chunk < len(batch["query"]):
         orders = [sorted(range(len(texts)), key=lambda i: -len(texts[i])) for texts, _ in inputs]
-        groups = [[encoder.tokenize([texts[j] for j in order[i:i + chunk]], role=role, tokenizer=tokenizer)
+        groups = [[tokenizing.tokenize([texts[j] for j in order[i:i + chunk]], role=role)
                    for i in range(0, len(texts), chunk)] for (texts, role), order in zip(inputs, orders)]
     else:
-        groups = [[encoder.tokenize(texts, role=role, tokenizer=tokenizer)] for texts, role in inputs]
+        groups = [[tokenizing.tokenize(texts, role=role)] for texts, role in inputs]
     lengths = torch.cat([tokens["attention_mask"].sum(1) for chunks in groups for tokens in chunks])
     return _pinned(Prepared(batch, groups, orders, lengths), device)
 
@@ -98,7 +99,7 @@ def read_ahead(encoder: Encoder, placed: TrainingSet, table: Pairs, plan: Plan, 
     or, where there are none, on the worker's own threads. `placed`: the table as the workers got it."""
     if actors:
         return Stream(encoder.tokenizing(), placed, plan, steps, chunk, device, actors)
-    return Ahead(encoder, table, (plan.rows(step) for step in steps), chunk, device, feed_threads(cpus, device))
+    return Ahead(encoder.tokenizing(), table, (plan.rows(step) for step in steps), chunk, device, feed_threads(cpus, device))
 
 
 def feed_threads(cpus: int, device) -> int:
@@ -114,18 +115,19 @@ class Ahead:
     background threads up to AHEAD + threads steps early. Use as a context manager: leaving it (the
     run's last step, an error) stops the threads."""
 
-    def __init__(self, encoder: Encoder, table: pa.Table | Pairs, steps: Iterable[np.ndarray], chunk: int, device, threads: int = 1):
+    def __init__(self, tokenizing: Tokenizing, table: pa.Table | Pairs, steps: Iterable[np.ndarray], chunk: int, device,
+                 threads: int = 1):
         # one tokenizer per thread, copied here on the loop's thread: a copy made while the loop's
         # thread tokenizes with the encoder's own could fail as two uses at once do
         copies: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(threads):
-            copies.put(copy.deepcopy(encoder.tokenizer))
+            copies.put(copy.deepcopy(tokenizing))
         mine = threading.local()
 
         def make(rows: np.ndarray) -> Prepared:
-            if not hasattr(mine, "tokenizer"):
-                mine.tokenizer = copies.get_nowait()
-            return prepare(encoder, take(table, rows), chunk, device, mine.tokenizer)
+            if not hasattr(mine, "tokenizing"):
+                mine.tokenizing = copies.get_nowait()
+            return prepare(mine.tokenizing, take(table, rows), chunk, device)
 
         self._make, self._steps = make, iter(steps)
         self.by = f"{threads} thread(s) of each worker"  # who reads ahead, for the log and run.json

@@ -138,7 +138,7 @@ def backward_batch(trainee, batch: Prepared | dict, job: JobConfig, device) -> t
     the same loss and gradients). `batch`: prepared by feed.py, or rows to prepare here. Returns the
     loss and the token count of every text encoded (for MFU)."""
     if not isinstance(batch, Prepared):
-        batch = prepare(trainee.encoder, batch, job.loss.mini_batch_size, device)
+        batch = prepare(trainee.encoder.tokenizing(), batch, job.loss.mini_batch_size, device)
     groups = batch.on(device)
     loss_on = _loss_on_embeddings(batch.batch, job, device)
     extra = (lambda: job.train.l2sp * trainee.drift()) if job.train.l2sp else None
