@@ -8,8 +8,9 @@ machine): one short run that prints the issue's GPU figures and writes them to O
    fine-tuning under DeepSpeed ZeRO-2 and ZeRO-3, at batch 32; LoRA and ZeRO-2 at batch 256 (more
    in-batch negatives), LoRA also with one read-ahead thread; ZeRO-2 at batch 512 with gradient
    caching (loss.mini_batch_size=128). Pairs/s, MFU (raykit/flops.py, as the progress line
-   counts them) and peak GPU memory each; at batch 32 the exported model, reloaded, must embed like
-   the trained one.
+   counts them), peak GPU memory and the host's waits on the GPU per step, with the lines that
+   made them (syncs_counted) each; at batch 32 the exported model, reloaded, must embed like the
+   trained one.
 2. Embedding: the encoder actor of `raykit embed` (raykit.embed.stages.EncodeShards) on shards of
    already-tokenized SciFact documents, as its tokenizer actors hand them over: docs/s and MFU per GPU,
    fp32 and bf16, at a few batch sizes, and with the weights themselves in bf16. Beside it, on the
@@ -33,6 +34,7 @@ Without a GPU it runs as a dry run on the CPU (small sizes: --dry-run), to check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,6 +42,7 @@ import platform
 import tempfile
 import time
 import traceback
+import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one tokenizer actor = one core, as in the pipeline
 
@@ -75,9 +78,11 @@ def sync():
 def train(job, table, device, bf16, threads=None, backend=True):
     """Train `job` in this process, reading ahead on `threads` (default: as a Ray Train worker with the
     job's scaling.cpus_per_worker does), tokenizing through the tokenizer's backend alone (raykit/tokens.py;
-    `backend=False`: through transformers' tokenizer call, as before it); returns (trainee, last loss, s/step, pairs/s, MFU, warm-up s) with MFU
-    counted as raykit's progress line counts it (raykit/flops.py; None where the device's peak is unknown)
-    and the warm-up's seconds (the first WARMUP_STEPS steps: with scaling.compile, the compiler's time)."""
+    `backend=False`: through transformers' tokenizer call, as before it); returns (trainee, last loss,
+    s/step, pairs/s, MFU, warm-up s, host syncs) with MFU counted as raykit's progress line counts it
+    (raykit/flops.py; None where the device's peak is unknown), the warm-up's seconds (the first
+    WARMUP_STEPS steps: with scaling.compile, the compiler's time) and, on a GPU, where the last two
+    warm-up steps made the host wait for the device ({file:line: count}; see syncs_counted)."""
     steps_per_epoch = table.num_rows // job.train.batch_size
     total = job.train.max_steps
     torch.manual_seed(job.train.seed)
@@ -93,9 +98,11 @@ def train(job, table, device, bf16, threads=None, backend=True):
     threads = threads or feed_threads(job.scaling.cpus_per_worker, device)
     tokenizing = trainee.encoder.tokenizing()
     tokenizing = tokenizing if backend else dataclasses.replace(tokenizing, backend=None)
+    sites: dict[str, int] = {}
     with Ahead(tokenizing, table, steps, job.loss.mini_batch_size, device, threads) as ahead:
         for prepared in ahead:
-            loss, _, lengths = training_step(trainee, prepared, job, device)
+            with syncs_counted(sites, on=device.type == "cuda" and WARMUP_STEPS - 2 <= step < WARMUP_STEPS):
+                loss, _, lengths = training_step(trainee, prepared, job, device)
             step += 1
             if step == WARMUP_STEPS:
                 sync()
@@ -107,7 +114,29 @@ def train(job, table, device, bf16, threads=None, backend=True):
     seconds = time.perf_counter() - started
     timed = max(total - WARMUP_STEPS, 1)
     used = mfu(flops, seconds, peak_flops(device, bf16, job.scaling.peak_tflops))
-    return trainee, float(loss.detach()), seconds / timed, timed * job.train.batch_size / seconds, used, warmup_s
+    return trainee, float(loss.detach()), seconds / timed, timed * job.train.batch_size / seconds, used, warmup_s, sites
+
+
+@contextlib.contextmanager
+def syncs_counted(sites: dict[str, int], on: bool):
+    """Count, into `sites` by the Python line that made them, the operations in this block that make
+    the host wait for the GPU (torch.cuda.set_sync_debug_mode). A training step with none lets the
+    host queue the next step's kernels while the GPU runs this one's; raykit's own code has none
+    (raykit/train/loop.py training_step), DeepSpeed's and transformers' may."""
+    if not on:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            site = f"{os.path.relpath(w.filename)}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
 
 
 def actor_shard(encoded: list[list[int]]) -> tuple[dict, np.ndarray]:
@@ -171,11 +200,11 @@ def main():
         def fn():
             job = load_job(None, base + extra + [f"train.batch_size={batch}", f"train.max_steps={steps}", precision])
             reset_peak()
-            trainee, loss, step_s, pairs_s, used, warmup_s = train(job, table, device, bf16=cuda, threads=threads, backend=backend)
+            trainee, loss, step_s, pairs_s, used, warmup_s, sites = train(job, table, device, bf16=cuda, threads=threads, backend=backend)
             row = {"batch": batch, "feed_threads": threads or feed_threads(job.scaling.cpus_per_worker, device),
                    "tokenizer": "backend" if backend else "transformers", "loss": loss,
                    "ms_per_step": 1000 * step_s, "pairs_per_s": pairs_s, "mfu": used, "peak_mib": peak_mib(),
-                   "warmup_s": warmup_s}
+                   "warmup_s": warmup_s, "host_syncs_per_step": sum(sites.values()) / 2, "host_sync_sites": sites}
             if export:
                 trainee.encoder.eval()  # dropout off, as evaluation runs it
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -391,9 +420,10 @@ def profile(job, table, device, cuda):
 def summary(report, tok) -> str:
     lines = [f"== {report['device']} | torch {report['torch']} | transformers {report['transformers']} | {report['cpu_count']} CPUs"]
     for row in report["train"]:
-        lines.append(f"train {row['name']:<30} " + (f"ERROR {row['error']}" if "error" in row else
+        lines.append(f"train {row['name']:<48} " + (f"ERROR {row['error']}" if "error" in row else
                      f"{row['pairs_per_s']:8.0f} pairs/s  MFU {100 * (row['mfu'] or 0):5.1f}%  {row['ms_per_step']:7.1f} ms/step  "
-                     f"peak {row['peak_mib']:7.0f} MiB  {'ok' if row['ok'] else 'NOT OK'}"))
+                     f"peak {row['peak_mib']:7.0f} MiB  host syncs/step {row.get('host_syncs_per_step', 0):4.1f}  "
+                     f"{'ok' if row['ok'] else 'NOT OK'}"))
     for row in report["embed"]:
         mfu_s = f"  MFU {100 * row['mfu']:5.1f}%" if row.get("mfu") else ""
         mfu_s += f"  first call {row['first_call_docs_per_s']:.0f} docs/s" if "first_call_docs_per_s" in row else ""

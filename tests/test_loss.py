@@ -210,7 +210,7 @@ def _cache_strategy(rank: int, tiny_model: str, out: str, name: str, strategy: l
             results[way] = (loss.detach(), grads)
         else:  # ZeRO-2 partitions its gradients: their global norm, and the weights after the step
             loss, norm, _ = training_step(trainee, _cache_batch(rank), run, torch.device("cpu"))
-            results[way] = (loss.detach(), {"norm": torch.tensor(norm),
+            results[way] = (loss.detach(), {"norm": torch.tensor(float(norm)),
                                               **{n: p.detach().clone() for n, p in trainee.encoder.named_parameters()}})
     torch.save(results, f"{out}/{name}-rank{rank}.pt")
 

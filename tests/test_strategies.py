@@ -207,7 +207,7 @@ def test_a_compiled_encoder_trains_evaluates_and_exports_as_the_eager_one(tiny_m
             with trainee.evaluating():
                 embedded = trainee.encoder.encode(TEXTS, role="query")
             trainee.export(str(tmp_path / str(compile) / "model"), rank=0)
-            runs[compile] = [(loss.item(), norm) for loss, norm in steps], embedded
+            runs[compile] = [(loss.item(), float(norm)) for loss, norm in steps], embedded
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
     (eager, eager_embedded), (compiled, compiled_embedded) = runs[False], runs[True]
     assert compiled == [pytest.approx(step, rel=1e-5) for step in eager]

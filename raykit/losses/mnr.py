@@ -47,7 +47,7 @@ def mnr_loss(
         neg_ids = _gather_ids(negative_ids, world) if world > 1 else negative_ids
         cands = torch.cat([cands, negs], 0)  # (world*B*(1+k), D)
         false_neg = torch.cat([false_neg, neg_ids[None, :] == positive_ids[:, None]], 1)
-    false_neg[torch.arange(batch), labels] = False
+    false_neg[torch.arange(batch, device=queries.device), labels] = False  # an index made on the host would be copied, waiting for the GPU
     scores = scale * queries.float() @ cands.float().T  # (B, world*B*(1+k))
     scores = scores.masked_fill(false_neg, float("-inf"))
     return F.cross_entropy(scores, labels)

@@ -126,13 +126,14 @@ class DeepSpeedTrainee:
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss)
 
-    def step(self, loss: torch.Tensor | None) -> float:
-        """Back-propagate `loss` (None: the gradients are in place) and update the weights."""
+    def step(self, loss: torch.Tensor | None) -> torch.Tensor | float:
+        """Back-propagate `loss` (None: the gradients are in place) and update the weights. Returns
+        the gradient norm as DeepSpeed keeps it, read (float()) only at a report, as LoRA's."""
         if loss is not None:
             self.backward(loss)
         self.module.step()  # clips, steps the optimizer and the schedule, zeroes grads
         norm = self.module.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     @property
     def lr(self) -> float:

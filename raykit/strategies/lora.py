@@ -112,15 +112,17 @@ class LoraTrainee:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, loss: torch.Tensor | None) -> float:
-        """Back-propagate `loss` (None: the gradients are in place) and update the weights."""
+    def step(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """Back-propagate `loss` (None: the gradients are in place) and update the weights. Returns
+        the gradient norm before clipping, on the device: read at a report, since reading it
+        (float()) makes the host wait for the GPU's queued work."""
         if loss is not None:
             self.backward(loss)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     @property
     def lr(self) -> float:

@@ -51,15 +51,19 @@ class Prepared:
     negatives), its tokenized chunks; one chunk each unless gradient caching splits the batch, in
     which case `orders` holds each pass's text order in its chunks (longest first)."""
 
-    batch: dict[str, np.ndarray]  # the rows' columns: ids and teacher scores for the loss
+    batch: dict[str, np.ndarray]  # the rows' columns, for the batch digest
     groups: list[list[dict[str, torch.Tensor]]]
     orders: list[list[int]] | None
     lengths: torch.Tensor  # every text's real token count (for MFU), counted here and not on the device
+    # what the loss reads of the rows (loss_inputs), made here so that it goes to the device as the
+    # tokens do: a tensor made on a GPU from host data waits for all the GPU's queued work
+    targets: dict[str, torch.Tensor]
 
-    def on(self, device) -> list[list[dict[str, torch.Tensor]]]:
-        """The tokenized chunks on `device` (a non-blocking copy from pinned memory on a GPU)."""
-        return [[{k: v.to(device, non_blocking=True) for k, v in tokens.items()} for tokens in chunks]
-                for chunks in self.groups]
+    def on(self, device) -> tuple[list[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+        """The tokenized chunks and the loss's targets on `device` (a non-blocking copy from pinned
+        memory on a GPU: the host goes on launching while they travel)."""
+        groups = [[{k: v.to(device, non_blocking=True) for k, v in tokens.items()} for tokens in chunks] for chunks in self.groups]
+        return groups, {k: v.to(device, non_blocking=True) for k, v in self.targets.items()}
 
 
 def forward_inputs(batch: dict) -> list[tuple[list[str], str]]:
@@ -83,13 +87,29 @@ def prepare(tokenizing: Tokenizing, batch: dict, chunk: int, device) -> Prepared
     else:
         groups = [[tokenizing.tokenize(texts, role=role)] for texts, role in inputs]
     lengths = torch.cat([tokens["attention_mask"].sum(1) for chunks in groups for tokens in chunks])
-    return _pinned(Prepared(batch, groups, orders, lengths), device)
+    return _pinned(Prepared(batch, groups, orders, lengths, loss_inputs(batch, orders)), device)
+
+
+def loss_inputs(batch: dict, orders: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """What the loss reads of a batch's rows: `query_id`, `positive_id` (B,), `negative_ids` (B, k) with
+    negatives, the teacher's `positive_score` (B,) and `negative_scores` (B, k) where the rows have
+    them; with gradient-caching `orders`, `inverse_i`: pass i's embeddings back in the batch's order."""
+    k = negative_count(batch)
+    out = {name: torch.tensor(batch[name]) for name in ("query_id", "positive_id", "positive_score") if name in batch}
+    if k:
+        out["negative_ids"] = torch.tensor(np.stack([batch[f"negative_id_{j}"] for j in range(k)], 1))
+        if "negative_score_0" in batch:
+            out["negative_scores"] = torch.tensor(np.stack([batch[f"negative_score_{j}"] for j in range(k)], 1))
+    for i, order in enumerate(orders or ()):
+        out[f"inverse_{i}"] = torch.tensor(np.argsort(order))
+    return out
 
 
 def _pinned(prepared: Prepared, device) -> Prepared:
     """For a GPU, the tensors in pinned memory: the copy to the device then does not block the host."""
     if torch.device(device).type == "cuda":
         prepared.groups = [[{k: v.pin_memory() for k, v in tokens.items()} for tokens in chunks] for chunks in prepared.groups]
+        prepared.targets = {k: v.pin_memory() for k, v in prepared.targets.items()}
     return prepared
 
 
@@ -212,7 +232,7 @@ class TokenizeSteps:
 
     def _prepare(self, step: int) -> Prepared:
         prepared = prepare(self.tokenizing, take(self.table, self.plan.rows(step)), self.chunk, "cpu")
-        # the loop needs the rows' ids and teacher scores, not their texts (tokenized here)
+        # the loop needs the rows' ids (for the batch digest), not their texts (tokenized here)
         prepared.batch = {name: column for name, column in prepared.batch.items() if column.dtype != object}
         return prepared
 

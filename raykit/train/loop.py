@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import raykit.log
 from raykit.config import JobConfig
-from raykit.data import Beir, negative_count
+from raykit.data import Beir
 from raykit.device import configure
 from raykit.encoder import Encoder
 from raykit.evaluate import evaluate
@@ -88,7 +88,7 @@ def train_fn_per_worker(config: dict) -> None:
                 loss_sum, time_up, window_flops, ray_due = _sum_across_ranks(
                     [loss.detach().float(), saves.time_up(), meter.flops, to_ray.due()], world)
                 metrics = {"step": step, "epoch": epoch + 1, "loss": loss_sum / world,
-                           "lr": trainee.lr, "grad_norm": grad_norm, **meter.rates(window_flops)}
+                           "lr": trainee.lr, "grad_norm": float(grad_norm), **meter.rates(window_flops)}
                 log(_progress_line(metrics, total_steps, meter.eta(step)))
                 if do_eval:
                     results = run_eval(sets["eval"])
@@ -126,8 +126,10 @@ def _finish(trainee, state: dict, step: int, digest: BatchDigest, last_val: dict
     checkpoints.save(trainee, state, rank, world, step, final, digest.value, export=True, evaluation=evaluation)
 
 
-def training_step(trainee, batch: Prepared | dict, job: JobConfig, device) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """One optimizer step on one batch; returns (loss, gradient norm, every encoded text's token count)."""
+def training_step(trainee, batch: Prepared | dict, job: JobConfig, device) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor]:
+    """One optimizer step on one batch; returns (loss, gradient norm, every encoded text's token count).
+    Nothing here reads a value back from the device: on a GPU the host queues the next step's work
+    while this one runs."""
     loss, lengths = backward_batch(trainee, batch, job, device)
     return loss, trainee.step(None), lengths
 
@@ -139,12 +141,12 @@ def backward_batch(trainee, batch: Prepared | dict, job: JobConfig, device) -> t
     loss and the token count of every text encoded (for MFU)."""
     if not isinstance(batch, Prepared):
         batch = prepare(trainee.encoder.tokenizing(), batch, job.loss.mini_batch_size, device)
-    groups = batch.on(device)
-    loss_on = _loss_on_embeddings(batch.batch, job, device)
+    groups, targets = batch.on(device)
+    loss_on = _loss_on_embeddings(targets, job)
     extra = (lambda: job.train.l2sp * trainee.drift()) if job.train.l2sp else None
     if batch.orders is not None:
         # the chunks hold each pass's texts longest first; the loss takes the embeddings back in the batch's order
-        inverses = [torch.argsort(torch.tensor(order, device=device)) for order in batch.orders]
+        inverses = [targets[f"inverse_{i}"] for i in range(len(groups))]
 
         def in_batch_order(*embeddings):
             return loss_on(*(e[inverse] for e, inverse in zip(embeddings, inverses)))
@@ -157,20 +159,19 @@ def backward_batch(trainee, batch: Prepared | dict, job: JobConfig, device) -> t
     return loss, batch.lengths
 
 
-def _loss_on_embeddings(batch: dict, job: JobConfig, device):
+def _loss_on_embeddings(targets: dict[str, torch.Tensor], job: JobConfig):
     """The job's loss as a function of the batch's embeddings: queries (B, H), positives (B, H) and,
-    when the rows have k negatives, the negatives as `feed.forward_inputs` orders them (k*B, H)."""
-    k = negative_count(batch)
-    negative_ids = torch.stack([torch.tensor(batch[f"negative_id_{j}"]) for j in range(k)], 1).to(device) if k else None  # (B, k)
-    query_ids = torch.tensor(batch["query_id"], device=device)
-    positive_ids = torch.tensor(batch["positive_id"], device=device)
+    when the rows have k negatives, the negatives as `feed.forward_inputs` orders them (k*B, H).
+    `targets`: the rows' ids and teacher scores on the device (feed.loss_inputs)."""
+    negative_ids = targets.get("negative_ids")  # (B, k)
+    k = 0 if negative_ids is None else negative_ids.shape[1]
+    query_ids, positive_ids = targets["query_id"], targets["positive_id"]
     cfg = job.loss
 
     def loss_on(q, p, n):
         if cfg.name == "mnr":
             return mnr_loss(q, p, query_ids, positive_ids, scale=cfg.scale, negatives=n, negative_ids=negative_ids, gather=cfg.gather)
-        teacher_pos = torch.tensor(batch["positive_score"], device=device)
-        teacher_neg = torch.stack([torch.tensor(batch[f"negative_score_{j}"]) for j in range(k)], 1).to(device)
+        teacher_pos, teacher_neg = targets["positive_score"], targets["negative_scores"]
         if cfg.name == "margin_mse":
             return margin_mse_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale)
         return kl_loss(q, p, n, teacher_pos, teacher_neg, scale=cfg.scale, temperature=cfg.temperature)
