@@ -4,8 +4,9 @@ the same ids and masks as transformers.
 transformers' `tokenizer(texts, padding=True, truncation=True, return_tensors=...)` runs the Rust
 encoding without the GIL, then builds Python lists of every text's ids and pads them in Python, with
 the GIL. A training worker's read-ahead threads share that lock with the loop's thread, which on a
-GPU is the one launching kernels: beside one thread tokenizing that way, a Python loop kept 81% of
-its speed; beside `Backend.padded`, all of it, which also tokenizes 1.4x as fast (bench/feed.py).
+GPU is the one launching kernels: beside one thread feeding through transformers' call, a stand-in
+for that thread kept 74% of its speed; beside one feeding through `Backend.padded`, 92%, and the
+feed delivered 1.41x the pairs a second (bench/feed.py, 2 AMD EPYC cores).
 
 `backend()` checks the backend against the tokenizer on PROBES (after each prompt) and gives None
 where they differ: a slow (Python) tokenizer, a class that changes what its backend gives, inputs
