@@ -12,9 +12,7 @@ import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ from torch import nn
 from raykit import cache, storage, tokens
 from raykit.config import ModelConfig, Prompts
 from raykit.errors import RaykitError
+from raykit.tokens import Tokenizing
 
 
 def resolve_model(name: str, key: str = "model.name") -> str:
@@ -92,31 +91,6 @@ def check_length(config, length: int, name: str, key: str = "max_seq_length") ->
     if limit and length > limit:
         raise RaykitError(f"{key}: {length} is past the {limit} positions {name} has; use {limit} or less")
     return limit
-
-
-@dataclass(frozen=True)
-class Tokenizing:
-    """How an encoder turns texts into its model's input: its tokenizer, its prompts, its length. One
-    rule for the encoder and for processes that tokenize without its weights (the tokenizer actors
-    of raykit/train/feed.py). A copy (copy.deepcopy) is another thread's: a fast tokenizer used from
-    two threads at once fails ("Already borrowed")."""
-
-    tokenizer: Any
-    prompts: dict[str, str]  # {"query": ..., "document": ...}
-    max_seq_length: int
-    backend: tokens.Backend | None = None  # the tokenizer's Rust backend alone, where it gives the same
-
-    def prompted(self, texts, role: str) -> list[str]:
-        """`texts` as the model sees them in `role` ("query" or "document"): after that role's prompt."""
-        prompt = self.prompts.get(role, "")
-        return [prompt + t for t in texts] if prompt else list(texts)
-
-    def tokenize(self, texts: list[str], *, role: str) -> dict[str, torch.Tensor]:
-        """Padded, truncated tensors of `texts` in `role`."""
-        texts = self.prompted(texts, role)
-        if self.backend is not None and texts:  # the same tensors, without holding the GIL for most of the time
-            return {name: torch.from_numpy(array) for name, array in self.backend.padded(texts).items()}
-        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"))
 
 
 class Encoder(nn.Module):

@@ -1,5 +1,6 @@
-"""A fast tokenizer's call made by its Rust backend alone (the `tokenizers` library), where that gives
-the same ids and masks as transformers.
+"""Texts into a model's input. `Tokenizing`: the one rule (tokenizer, prompts, length) for an encoder
+and for processes that tokenize without its weights. `Backend`: a fast tokenizer's call made by its
+Rust backend alone (the `tokenizers` library), where that gives the same ids and masks as transformers.
 
 transformers' `tokenizer(texts, padding=True, truncation=True, return_tensors=...)` runs the Rust
 encoding without the GIL, then builds Python lists of every text's ids and pads them in Python, with
@@ -12,14 +13,20 @@ feed delivered 1.41x the pairs a second (bench/feed.py, 2 AMD EPYC cores).
 where they differ: a slow (Python) tokenizer, a class that changes what its backend gives, inputs
 other than ids, type ids and mask. Callers then keep transformers.
 
-No torch or transformers import here: `raykit embed`'s tokenizer actors use it without either.
+No torch or transformers import at the module's top: `raykit embed`'s tokenizer actors use Backend
+without either.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Texts tokenized both ways before the backend alone is trusted: accents and other scripts,
 # whitespace, special tokens written out, one past any max_seq_length, and an empty one (padding).
@@ -91,3 +98,30 @@ def backend(tokenizer, max_seq_length: int, prompts=("",), padding: bool = True)
             if set(want) != set(got) or not all(np.array_equal(want[name], got[name]) for name in want):
                 return None
     return fast
+
+
+@dataclass(frozen=True)
+class Tokenizing:
+    """How an encoder turns texts into its model's input: its tokenizer, its prompts, its length. One
+    rule for the encoder and for processes that tokenize without its weights (the tokenizer actors
+    of raykit/train/feed.py). A copy (copy.deepcopy) is another thread's: a fast tokenizer used from
+    two threads at once fails ("Already borrowed")."""
+
+    tokenizer: Any
+    prompts: dict[str, str]  # {"query": ..., "document": ...}
+    max_seq_length: int
+    backend: Backend | None = None  # the tokenizer's Rust backend alone, where it gives the same
+
+    def prompted(self, texts, role: str) -> list[str]:
+        """`texts` as the model sees them in `role` ("query" or "document"): after that role's prompt."""
+        prompt = self.prompts.get(role, "")
+        return [prompt + t for t in texts] if prompt else list(texts)
+
+    def tokenize(self, texts: list[str], *, role: str) -> dict[str, torch.Tensor]:
+        """Padded, truncated tensors of `texts` in `role`."""
+        import torch
+
+        texts = self.prompted(texts, role)
+        if self.backend is not None and texts:  # the same tensors, without holding the GIL for most of the time
+            return {name: torch.from_numpy(array) for name, array in self.backend.padded(texts).items()}
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"))

@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from raykit import tokens
 from raykit.config import ModelConfig, Prompts
-from raykit.encoder import Encoder, Tokenizing, resolve_model
+from raykit.encoder import Encoder, resolve_model
+from raykit.tokens import Tokenizing
 
 CORPUS = ["Statins lower LDL cholesterol in most adults.", "déjà vu 東京 Москва", "pumps and valves " * 5,
           "Muscle pain is the side effect patients report most."] * 20

@@ -36,7 +36,8 @@ import pyarrow as pa
 import torch
 
 from raykit.data import Pairs, TrainingSet, negative_count
-from raykit.encoder import Encoder, Tokenizing
+from raykit.encoder import Encoder
+from raykit.tokens import Tokenizing
 from raykit.train.batches import Plan, take
 
 AHEAD = 2  # batches ready beyond the one training: hides a slow tokenization, holds little memory
