@@ -23,7 +23,7 @@ from raykit.data import load_beir
 from raykit.encoder import Encoder
 from raykit.errors import RaykitError
 from raykit.jobfile import load_job
-from raykit.train import synth
+from raykit.train import queries
 
 SYNTH = [f"synth.corpus={QUICKSTART}", "synth.embed.shard_mb=0.01", "synth.embed.precision=fp32", "synth.embed.concurrency=1"]
 
@@ -55,18 +55,18 @@ def test_model_free_queries_are_the_title_then_sentences_and_leave_the_positive(
     sentences = ["Statins lower LDL cholesterol in most adults.", "They act on HMG-CoA reductase in liver cells.",
                  "Muscle pain is the side effect patients report most."]
     text = " ".join(sentences)
-    made = synth.pseudo_queries("Statins and cholesterol", text, 3, np.random.default_rng(0))
+    made = queries.pseudo_queries("Statins and cholesterol", text, 3, np.random.default_rng(0))
     assert made[0][0] == "Statins and cholesterol" and [q for q, _ in made[1:]] in ([sentences[0], sentences[1]],
                                                                                    [sentences[0], sentences[2]], [sentences[1], sentences[2]])
-    assert made == synth.pseudo_queries("Statins and cholesterol", text, 3, np.random.default_rng(0))  # seeded per document
-    assert synth.pseudo_queries("", "One sentence only, with nothing else in it.", 2, np.random.default_rng(0)) == []
-    assert synth.pseudo_queries("", "Too short. Also short.", 1, np.random.default_rng(0)) == []  # under 6 words each
+    assert made == queries.pseudo_queries("Statins and cholesterol", text, 3, np.random.default_rng(0))  # seeded per document
+    assert queries.pseudo_queries("", "One sentence only, with nothing else in it.", 2, np.random.default_rng(0)) == []
+    assert queries.pseudo_queries("", "Too short. Also short.", 1, np.random.default_rng(0)) == []  # under 6 words each
     # the query is cut from its positive 90% of the time (ICT): the rest, lexical overlap teaches too
-    draws = [synth.pseudo_queries("", text, 1, np.random.default_rng(seed))[0] for seed in range(2000)]
+    draws = [queries.pseudo_queries("", text, 1, np.random.default_rng(seed))[0] for seed in range(2000)]
     assert all(q in sentences for q, _ in draws)
     left_in = np.mean([q in positive for q, positive in draws])
     assert 0.07 < left_in < 0.13
-    assert synth.clean_query('  \nQuery: "do statins cause muscle pain?"\nsecond line') == "do statins cause muscle pain?"
+    assert queries.clean_query('  \nQuery: "do statins cause muscle pain?"\nsecond line') == "do statins cause muscle pain?"
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_a_causal_lm_writes_queries_for_a_seeded_sample_of_documents(ray_cluster
     assert main(["synth", JOB, *args]) == 0
     pairs = read_jsonl(tmp_path / "run" / "synth" / "pairs.jsonl")
     corpus = load_beir(str(QUICKSTART), "train").corpus
-    keys = sorted(corpus, key=lambda i: synth._doc_key(42, i))
+    keys = sorted(corpus, key=lambda i: queries.doc_key(42, i))
     assert {p["positive_id"] for p in pairs} == set(keys[:10])  # the 10 smallest keys under train.seed
     assert 10 <= len(pairs) <= 20 and all(p["query"] and p["positive"] == corpus[p["positive_id"]] for p in pairs)
 
@@ -131,18 +131,18 @@ def test_a_causal_lm_writes_queries_for_a_seeded_sample_of_documents(ray_cluster
 def test_a_seq2seq_lm_and_a_chat_template_in_process(tiny_lms):
     batch = {"id": ["a", "b"], "title": ["Pumps", ""], "text": ["Prime the pump before starting it.", "Bleed the air from the line."]}
     options = {"endpoint": "", "prompt": "", "max_input_tokens": 16, "max_new_tokens": 5, "temperature": 0.7, "queries_per_doc": 3, "seed": 1}
-    t5 = synth._Generator(tiny_lms["seq2seq"], **options)
+    t5 = queries.Generator(tiny_lms["seq2seq"], **options)
     assert t5.seq2seq and t5.template == "{document}"  # doc2query reads the document alone
     rows = t5(batch)
     assert rows == t5(batch)  # the draws follow from the batch's first document
     assert len(rows["query"]) <= 6 and set(rows["positive_id"]) <= {"a", "b"}
     assert "Pumps Prime the pump before starting it." in rows["positive"] or rows["positive"].count("Bleed the air from the line.") == len(rows["query"])
 
-    gpt = synth._Generator(tiny_lms["causal"], **{**options, "max_input_tokens": 4})
-    assert not gpt.chat and gpt._input("one two three four five six") == synth.INSTRUCTION.replace("{document}", "one two three four")
+    gpt = queries.Generator(tiny_lms["causal"], **{**options, "max_input_tokens": 4})
+    assert not gpt.chat and gpt._input("one two three four five six") == queries.INSTRUCTION.replace("{document}", "one two three four")
     gpt.tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
     gpt.chat = True
-    assert gpt._input("bleed the line") == "<user>" + synth.INSTRUCTION.replace("{document}", "bleed the line") + "<assistant>"
+    assert gpt._input("bleed the line") == "<user>" + queries.INSTRUCTION.replace("{document}", "bleed the line") + "<assistant>"
 
 
 class _Server(BaseHTTPRequestHandler):
@@ -173,10 +173,10 @@ class _Server(BaseHTTPRequestHandler):
 def test_an_openai_compatible_endpoint_with_its_key_and_a_retry(monkeypatch):
     server = HTTPServer(("127.0.0.1", 0), _Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv(synth.KEY_ENV, "sk-test-not-for-logs")
+    monkeypatch.setenv(queries.KEY_ENV, "sk-test-not-for-logs")
     url = f"http://127.0.0.1:{server.server_port}/v1"
     try:
-        endpoint = synth._Endpoint("served-model", url, "", 64, 16, 0.7, 2, 0)
+        endpoint = queries.Endpoint("served-model", url, "", 64, 16, 0.7, 2, 0)
         rows = endpoint({"id": ["d1"], "title": [""], "text": ["Prime the pump before starting it."]})
         assert rows == {"query": ["how to prime 0", "how to prime 1"], "positive": ["Prime the pump before starting it."] * 2,
                         "positive_id": ["d1", "d1"]}
