@@ -34,6 +34,7 @@ def table(n: int = 40) -> pa.Table:
 def same(a, b) -> None:
     assert a.batch["query_id"].tolist() == b.batch["query_id"].tolist()
     assert a.orders == b.orders and torch.equal(a.lengths, b.lengths)
+    assert a.targets.keys() == b.targets.keys() and all(torch.equal(a.targets[k], b.targets[k]) for k in a.targets)
     for chunks_a, chunks_b in zip(a.groups, b.groups, strict=True):
         for ta, tb in zip(chunks_a, chunks_b, strict=True):
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -58,6 +59,13 @@ def test_batches_read_ahead_are_the_ones_read_in_line_in_the_same_order(encoder,
         same(prepared, prepare(tokenizing, take(table(), rows), chunk, "cpu"))
         same(prepared, prepare(dataclasses.replace(tokenizing, backend=None), take(table(), rows), chunk, "cpu"))
     assert len(read[0].groups) == 3 and len(read[0].groups[0]) == (2 if chunk else 1)
+    # what the loss reads of the rows comes prepared with the tokens (raykit/train/loop.py builds nothing from the rows)
+    first = read[0]
+    assert first.targets["query_id"].tolist() == first.batch["query_id"].tolist()
+    assert first.targets["negative_ids"].tolist() == [[i] for i in first.batch["negative_id_0"].tolist()]
+    for i, order in enumerate(first.orders or ()):  # each pass's embeddings back in the batch's order
+        assert [order[j] for j in first.targets[f"inverse_{i}"].tolist()] == list(range(len(order)))
+    assert ("inverse_0" in first.targets) == bool(chunk)
 
 
 def test_leaving_early_stops_the_thread_and_an_error_reaches_the_loop(encoder):
