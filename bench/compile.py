@@ -52,7 +52,8 @@ def training(steps: int, batch: int) -> dict[str, dict]:
         for compiled in (False, True):
             job = load_job(None, base + extra + [f"scaling.compile={compiled}"])
             torch.set_num_threads(os.cpu_count() or 1)  # as the worker sets itself (scaling.cpus_per_worker)
-            _, _, _, pairs_s, _, warmup_s, _ = train(job, table, cpu, use_bf16("auto", cpu))
+            run = train(job, table, cpu, use_bf16("auto", cpu))
+            pairs_s, warmup_s = run.pairs_per_s, run.warmup_s
             name = f"{strategy}{', compiled' if compiled else ''}"
             rows[name] = {"pairs_per_s": pairs_s, "warmup_s": warmup_s}
             print(f"  {name}: {pairs_s:.2f} pairs/s, warm-up {warmup_s:.1f} s", flush=True)

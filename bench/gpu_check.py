@@ -8,9 +8,10 @@ machine): one short run that prints the issue's GPU figures and writes them to O
    fine-tuning under DeepSpeed ZeRO-2 and ZeRO-3, at batch 32; LoRA and ZeRO-2 at batch 256 (more
    in-batch negatives), LoRA also with one read-ahead thread; ZeRO-2 at batch 512 with gradient
    caching (loss.mini_batch_size=128). Pairs/s, MFU (raykit/flops.py, as the progress line
-   counts them), peak GPU memory and the host's waits on the GPU per step, with the lines that
-   made them (syncs_counted) each; at batch 32 the exported model, reloaded, must embed like the
-   trained one.
+   counts them), peak GPU memory, where a step's time goes (the loop waiting for its input, the
+   host in training_step, the rest the GPU finishing what the host queued) and the host's waits on
+   the GPU per step, with the lines that made them (syncs_counted) each; at batch 32 the exported
+   model, reloaded, must embed like the trained one.
 2. Embedding: the encoder actor of `raykit embed` (raykit.embed.stages.EncodeShards) on shards of
    already-tokenized SciFact documents, as its tokenizer actors hand them over: docs/s and MFU per GPU,
    fp32 and bf16, at a few batch sizes, and with the weights themselves in bf16. Beside it, on the
@@ -75,14 +76,28 @@ def sync():
         torch.cuda.synchronize()
 
 
-def train(job, table, device, bf16, threads=None, backend=True):
+@dataclasses.dataclass
+class Trained:
+    """What train() measured. MFU as raykit's progress line counts it (raykit/flops.py; None where the
+    device's peak is unknown). Past the warm-up, each step's time splits into the loop's wait for its
+    input (feed_wait_s), the host's time in training_step (host_s: launching the step's work, and
+    waiting wherever it syncs) and the rest, the device finishing what the host queued."""
+
+    trainee: object
+    loss: float
+    step_s: float
+    pairs_per_s: float
+    mfu: float | None
+    warmup_s: float  # the first WARMUP_STEPS steps: with scaling.compile, the compiler's time
+    sync_sites: dict[str, int]  # on a GPU, where two warm-up steps made the host wait ({file:line: count})
+    feed_wait_s: float  # per timed step
+    host_s: float  # per timed step
+
+
+def train(job, table, device, bf16, threads=None, backend=True) -> Trained:
     """Train `job` in this process, reading ahead on `threads` (default: as a Ray Train worker with the
     job's scaling.cpus_per_worker does), tokenizing through the tokenizer's backend alone (raykit/tokens.py;
-    `backend=False`: through transformers' tokenizer call, as before it); returns (trainee, last loss,
-    s/step, pairs/s, MFU, warm-up s, host syncs) with MFU counted as raykit's progress line counts it
-    (raykit/flops.py; None where the device's peak is unknown), the warm-up's seconds (the first
-    WARMUP_STEPS steps: with scaling.compile, the compiler's time) and, on a GPU, where the last two
-    warm-up steps made the host wait for the device ({file:line: count}; see syncs_counted)."""
+    `backend=False`: through transformers' tokenizer call, as before it)."""
     steps_per_epoch = table.num_rows // job.train.batch_size
     total = job.train.max_steps
     torch.manual_seed(job.train.seed)
@@ -92,29 +107,38 @@ def train(job, table, device, bf16, threads=None, backend=True):
     rng = np.random.default_rng(job.train.seed)
     steps = [rows for _ in range(-(-total // steps_per_epoch)) for rows in
              rng.permutation(table.num_rows)[:steps_per_epoch * job.train.batch_size].reshape(steps_per_epoch, -1)][:total]
-    step, started, flops = 0, time.perf_counter(), 0.0
-    warmup_s = 0.0
+    step, started, timed_lengths = 0, time.perf_counter(), []
+    warmup_s, waited, hosted = 0.0, 0.0, 0.0
     # as the training loop reads its input: taken, tokenized and pinned ahead on a thread (raykit/train/feed.py)
     threads = threads or feed_threads(job.scaling.cpus_per_worker, device)
     tokenizing = trainee.encoder.tokenizing()
     tokenizing = tokenizing if backend else dataclasses.replace(tokenizing, backend=None)
     sites: dict[str, int] = {}
     with Ahead(tokenizing, table, steps, job.loss.mini_batch_size, device, threads) as ahead:
-        for prepared in ahead:
+        batches = iter(ahead)
+        while True:
+            asked = time.perf_counter()
+            prepared = next(batches, None)
+            if prepared is None:
+                break
+            got = time.perf_counter()
             with syncs_counted(sites, on=device.type == "cuda" and WARMUP_STEPS - 2 <= step < WARMUP_STEPS):
                 loss, _, lengths = training_step(trainee, prepared, job, device)
             step += 1
             if step == WARMUP_STEPS:
                 sync()
                 warmup_s = time.perf_counter() - started
-                started, flops = time.perf_counter(), 0.0
+                started = time.perf_counter()
             elif step > WARMUP_STEPS:
-                flops += model_flops.training(lengths, frozen_base=job.train.strategy == "lora")
+                timed_lengths.append(lengths)  # counted after the clock stops: the bench's own work is not the step's
+                waited, hosted = waited + got - asked, hosted + time.perf_counter() - got
     sync()
     seconds = time.perf_counter() - started
     timed = max(total - WARMUP_STEPS, 1)
+    flops = sum(model_flops.training(lengths, frozen_base=job.train.strategy == "lora") for lengths in timed_lengths)
     used = mfu(flops, seconds, peak_flops(device, bf16, job.scaling.peak_tflops))
-    return trainee, float(loss.detach()), seconds / timed, timed * job.train.batch_size / seconds, used, warmup_s, sites
+    return Trained(trainee, float(loss.detach()), seconds / timed, timed * job.train.batch_size / seconds, used, warmup_s, sites,
+                   waited / timed, hosted / timed)
 
 
 @contextlib.contextmanager
@@ -200,11 +224,13 @@ def main():
         def fn():
             job = load_job(None, base + extra + [f"train.batch_size={batch}", f"train.max_steps={steps}", precision])
             reset_peak()
-            trainee, loss, step_s, pairs_s, used, warmup_s, sites = train(job, table, device, bf16=cuda, threads=threads, backend=backend)
+            run = train(job, table, device, bf16=cuda, threads=threads, backend=backend)
+            trainee, loss = run.trainee, run.loss
             row = {"batch": batch, "feed_threads": threads or feed_threads(job.scaling.cpus_per_worker, device),
                    "tokenizer": "backend" if backend else "transformers", "loss": loss,
-                   "ms_per_step": 1000 * step_s, "pairs_per_s": pairs_s, "mfu": used, "peak_mib": peak_mib(),
-                   "warmup_s": warmup_s, "host_syncs_per_step": sum(sites.values()) / 2, "host_sync_sites": sites}
+                   "ms_per_step": 1000 * run.step_s, "pairs_per_s": run.pairs_per_s, "mfu": run.mfu, "peak_mib": peak_mib(),
+                   "feed_wait_ms_per_step": 1000 * run.feed_wait_s, "host_ms_per_step": 1000 * run.host_s,
+                   "warmup_s": run.warmup_s, "host_syncs_per_step": sum(run.sync_sites.values()) / 2, "host_sync_sites": run.sync_sites}
             if export:
                 trainee.encoder.eval()  # dropout off, as evaluation runs it
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -422,7 +448,8 @@ def summary(report, tok) -> str:
     for row in report["train"]:
         lines.append(f"train {row['name']:<48} " + (f"ERROR {row['error']}" if "error" in row else
                      f"{row['pairs_per_s']:8.0f} pairs/s  MFU {100 * (row['mfu'] or 0):5.1f}%  {row['ms_per_step']:7.1f} ms/step  "
-                     f"peak {row['peak_mib']:7.0f} MiB  host syncs/step {row.get('host_syncs_per_step', 0):4.1f}  "
+                     f"peak {row['peak_mib']:7.0f} MiB  feed wait {row.get('feed_wait_ms_per_step', 0):6.1f} ms  "
+                     f"host {row.get('host_ms_per_step', 0):6.1f} ms  host syncs/step {row.get('host_syncs_per_step', 0):4.1f}  "
                      f"{'ok' if row['ok'] else 'NOT OK'}"))
     for row in report["embed"]:
         mfu_s = f"  MFU {100 * row['mfu']:5.1f}%" if row.get("mfu") else ""
@@ -448,10 +475,11 @@ def scan(report, args, base, table, test, encoder, device, dump):
         steps = table.num_rows // 32 * epochs
         job = load_job(None, base + [f"train.strategy={strategy}", f"train.lr={lr}", f"train.max_steps={steps}", "train.batch_size=32",
                                      "train.precision=fp32", "lora.target_modules=[query,key,value,dense]", *extra])
-        trainee, loss, step_s, *_ = train(job, table, device, bf16=False)
+        run = train(job, table, device, bf16=False)
+        trainee = run.trainee
         res = evaluate(trainee.encoder, test, dims, 256, device, trainee.module)
         report["scan"].append({"config": f"{strategy} lr={lr:g} epochs={epochs} {' '.join(extra)}".strip(),
-                               "ndcg@10": {d: m["ndcg@10"] for d, m in res.items()}, "ms_per_step": 1000 * step_s})
+                               "ndcg@10": {d: m["ndcg@10"] for d, m in res.items()}, "ms_per_step": 1000 * run.step_s})
         print(report["scan"][-1], flush=True)
         del trainee
         torch.cuda.empty_cache()
