@@ -175,6 +175,8 @@ def raised_by_raykit(e: BaseException) -> RaykitError | RunFailed | None:
             return cause
     elif isinstance(e, (RaykitError, RunFailed)):
         return e
+    elif isinstance(getattr(e, "controller_failure", None), RaykitError):  # raised by Ray Train's controller (bad_input.py)
+        return e.controller_failure
     found = re.findall(r"^raykit\.errors\.(\w+): (.+)$", str(e), flags=re.MULTILINE)
     if not found:
         return None

@@ -135,3 +135,50 @@ def test_a_run_ray_train_gave_up_on_ends_in_its_workers_error_line():
     assert type(theirs) is RunFailed and str(theirs) == (
         "training stopped (torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB); the traceback is above. "
         "Checkpoints are in /runs/x/checkpoints: rerun the same command to resume from the latest.")
+
+
+def _fails_with(attempts_dir: str, raised: str):
+    """A Ray Train function that counts its attempts (a file each) and raises `raised`."""
+    def train_fn(config: dict) -> None:
+        import uuid
+        from pathlib import Path
+
+        from raykit.errors import RaykitError
+
+        (Path(attempts_dir) / uuid.uuid4().hex).touch()
+        if raised == "raykit":
+            raise RaykitError("scaling.compile: torch.compile needs a C++ compiler, and node-7 has none")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    return train_fn
+
+
+@pytest.mark.parametrize("raised", ["raykit", "other"])
+def test_a_workers_bad_input_ends_the_run_at_once_and_other_errors_are_retried(ray_cluster, tmp_path, raised):
+    """run.max_failures restarts a failed worker group: right for a lost node or a transient fault,
+    wasted on a worker's raykit error (bad input), which every attempt would meet again. On Ray Train's
+    controller (make_trainer adds the callback), such an error ends the run after its one attempt,
+    and the driver's line is the error's own; any other error is retried as before."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raykit.errors import RaykitError, RunFailed
+    from raykit.train.bad_input import EndOnBadInput
+    from raykit.train.driver import _stopped
+
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    trainer = TorchTrainer(
+        _fails_with(str(attempts), raised),
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name="run", storage_path=str(tmp_path / "storage"), callbacks=[EndOnBadInput()],
+                                       failure_config=ray.train.FailureConfig(max_failures=1)))
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
+        trainer.fit()
+    line = _stopped(failed.value, "/runs/x/checkpoints")
+    if raised == "raykit":
+        assert len(list(attempts.iterdir())) == 1
+        assert type(line) is RaykitError and str(line) == "scaling.compile: torch.compile needs a C++ compiler, and node-7 has none"
+    else:
+        assert len(list(attempts.iterdir())) == 2  # the first attempt and its one restart
+        assert type(line) is RunFailed and "RuntimeError: CUDA error: an illegal memory access" in str(line)

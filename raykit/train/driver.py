@@ -220,6 +220,8 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from raykit.train.bad_input import EndOnBadInput
+
     # The pairs go to the workers through the object store, not as a Ray Data dataset: the loop owns
     # their order, so that a resumed run continues exactly (raykit/train/batches.py).
     loop_config = {"job": job, "log_level": raykit.log.level(), **inputs, "table": inputs["table"].placed(),
@@ -243,7 +245,7 @@ def make_trainer(job: JobConfig, inputs: dict, storage_path: str, name: str, cal
             # the trackers' settings (MLFLOW_TRACKING_URI, WANDB_PROJECT, ...) and RAYKIT_STORAGE_RETRY
             # of the submitting shell
             worker_runtime_env={"env_vars": env} if (env := {**tracking.worker_env(), **storage.worker_env()}) else None,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, EndOnBadInput()],  # a worker's bad input is not retried
         ),
     )
 
