@@ -21,8 +21,9 @@ machine): one short run that prints the issue's GPU figures and writes them to O
 
 --parts picks among train, embed (the default: both), feed (LoRA and ZeRO-2 at batch 256, read ahead
 on 7 threads and on one, tokenizing through transformers' call and through the tokenizer's backend
-alone, raykit/tokens.py), big (LoRA and ZeRO-2 at batch 512 and 1,024 without gradient caching), compile (LoRA and ZeRO-2 at batch 256 and the encoder actor in bf16, eager
-and through torch.compile, scaling.compile / embed.compile), sdpa (training and an encoder actor's first
+alone, raykit/tokens.py), big (LoRA and ZeRO-2 at batch 512 and 1,024 without gradient caching),
+compile (LoRA and ZeRO-2 at batch 256 and the encoder actor in bf16, eager and through torch.compile,
+scaling.compile / embed.compile), sdpa (training and an encoder actor's first
 pass with cuDNN's attention off and on, raykit/device.py) and profile (torch.profiler tables of a LoRA
 and a ZeRO-2 step). bench/gpu_pack.sh packs what it needs for a lent machine (the model's weights in
 fp16 to fit the carry limit, back to fp32 there; SciFact; the wheels the machine lacks) and says how
