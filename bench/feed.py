@@ -24,6 +24,7 @@ speed the feed leaves it (what the feed costs it is time waiting for the GIL).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import threading
@@ -32,8 +33,8 @@ import time
 from common import SCIFACT, cpu_name, save
 
 
-def launches(stop: threading.Event) -> tuple[int, float]:
-    """The loop thread's stand-in: tiny torch ops one after another until `stop`; (ops, seconds)."""
+def launches(stop: threading.Event) -> float:
+    """The loop thread's stand-in: tiny torch ops one after another until `stop`; its ops/s."""
     import torch
 
     a, out = torch.ones(8), torch.empty(8)
@@ -42,39 +43,45 @@ def launches(stop: threading.Event) -> tuple[int, float]:
         for _ in range(100):
             torch.add(a, a, out=out)
         n += 100
-    return n, time.perf_counter() - started
+    return n / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def stand_in(on: bool = True):
+    """The stand-in on a thread of its own for the block (if `on`); yields a list that holds its
+    ops/s once the block is left."""
+    stop, rate = threading.Event(), []
+    thread = threading.Thread(target=lambda: rate.append(launches(stop)))
+    if on:
+        thread.start()
+    try:
+        yield rate
+    finally:
+        if on:
+            stop.set()
+            thread.join()
 
 
 def deliver(feed, steps: int, batch: int, beside: bool = False) -> tuple[float, float, float | None]:
     """(seconds to the first batch, pairs/s after it, the stand-in's ops/s meanwhile or None) of one
-    feed, consumed to its end; with `beside`, the stand-in runs on its own thread from the first batch."""
-    stop, counted = threading.Event(), []
-    loop = threading.Thread(target=lambda: counted.append(launches(stop)))
+    feed, consumed to its end; with `beside`, the stand-in runs from the first batch on."""
     started = time.perf_counter()
     with feed as ahead:
         it = iter(ahead)
         next(it)
         first = time.perf_counter()
-        if beside:
-            loop.start()
-        rest = sum(1 for _ in it)
-        seconds = time.perf_counter() - first
-    if beside:
-        stop.set()
-        loop.join()
+        with stand_in(beside) as rate:
+            rest = sum(1 for _ in it)
+            seconds = time.perf_counter() - first
     assert rest == steps - 1
-    return first - started, rest * batch / seconds, counted[0][0] / counted[0][1] if beside else None
+    return first - started, rest * batch / seconds, rate[0] if beside else None
 
 
 def alone(seconds: float) -> float:
     """The stand-in's ops/s with nothing beside it."""
-    stop, counted = threading.Event(), []
-    loop = threading.Thread(target=lambda: counted.append(launches(stop)))
-    loop.start()
-    time.sleep(seconds)
-    stop.set()
-    loop.join()
-    return counted[0][0] / counted[0][1]
+    with stand_in() as rate:
+        time.sleep(seconds)
+    return rate[0]
 
 
 def main() -> None:

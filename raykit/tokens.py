@@ -6,8 +6,8 @@ transformers' `tokenizer(texts, padding=True, truncation=True, return_tensors=..
 encoding without the GIL, then builds Python lists of every text's ids and pads them in Python, with
 the GIL. A training worker's read-ahead threads share that lock with the loop's thread, which on a
 GPU is the one launching kernels: beside one thread feeding through transformers' call, a stand-in
-for that thread kept 74% of its speed; beside one feeding through `Backend.padded`, 92%, and the
-feed delivered 1.41x the pairs a second (bench/feed.py, 2 AMD EPYC cores).
+for that thread kept 67 to 74% of its speed; beside one feeding through `Backend.padded`, 83 to 92%,
+and the feed delivered 1.36x to 1.44x the pairs a second (bench/feed.py, 2 AMD EPYC cores, three runs).
 
 `backend()` checks the backend against the tokenizer on PROBES (after each prompt) and gives None
 where they differ: a slow (Python) tokenizer, a class that changes what its backend gives, inputs
